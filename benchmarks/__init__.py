@@ -1,0 +1,1 @@
+"""Accuracy, flash-through and throughput measurements, runnable as modules."""

@@ -1,0 +1,1 @@
+"""Compute without I/O policy: detectors, the models they load, redaction kernels."""

@@ -1,0 +1,196 @@
+"""Face detectors on onnxruntime: YuNet (fast, default) and CenterFace (high recall).
+
+Both take a BGR uint8 image (H, W, 3) and return :class:`Detections` in that image's pixels.
+Each runs at one or more input scales: ``scales`` multiplies the image size before the model sees
+it (2.0 doubles it, so faces half as large are found), and the results of every scale are merged
+by non-maximum suppression.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from engines.detections import Detections, nms
+from engines.models import (
+    CENTERFACE,
+    YUNET,
+    ModelSpec,
+    dynamic_onnx_bytes,
+    onnx_session,
+    sha256_file,
+)
+
+CATEGORY = "faces"
+_STRIDE_ALIGN = 32
+DEFAULT_MAX_INPUT_PIXELS = 3840 * 2160  # a pass never feeds the model more than this
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: str
+    sha256: str
+    license: str
+
+
+def effective_scales(shape: tuple[int, ...], scales: Sequence[float],
+                     max_input_pixels: int) -> list[float]:
+    """The scales actually run on an image of ``shape``: each capped so that the model input
+    stays within ``max_input_pixels``, and near-duplicates (within 10%) run once."""
+    h, w = shape[:2]
+    cap = math.sqrt(max_input_pixels / max(h * w, 1))
+    out: list[float] = []
+    for s in sorted(min(float(s), cap) for s in scales):
+        if not out or s > out[-1] * 1.1:
+            out.append(s)
+    return out
+
+
+def _letterbox(image: np.ndarray, scale: float) -> tuple[np.ndarray, float, float]:
+    """Resize by ``scale`` then pad right/bottom to multiples of 32. Returns image, sx, sy."""
+    h, w = image.shape[:2]
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    resized = image if (nw, nh) == (w, h) else cv2.resize(
+        image, (nw, nh), interpolation=cv2.INTER_LINEAR if scale > 1 else cv2.INTER_AREA)
+    pw = -(-nw // _STRIDE_ALIGN) * _STRIDE_ALIGN
+    ph = -(-nh // _STRIDE_ALIGN) * _STRIDE_ALIGN
+    if (pw, ph) != (nw, nh):
+        resized = cv2.copyMakeBorder(resized, 0, ph - nh, 0, pw - nw, cv2.BORDER_CONSTANT, value=0)
+    return resized, nw / w, nh / h
+
+
+class _OnnxFaceModel:
+    """Shared plumbing: one session per detector object, safe to call from several threads."""
+
+    spec: ModelSpec
+    input_name: str
+
+    def __init__(self, threshold: float, scales: Sequence[float], model_path: str | None,
+                 threads: int, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+                 nms_iou: float = 0.3) -> None:
+        if not scales or min(scales) <= 0:
+            raise ValueError("input scales must be a non-empty list of positive numbers")
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"detection threshold {threshold} is outside (0, 1)")
+        self.threshold = float(threshold)
+        self.scales = tuple(float(s) for s in scales)
+        self.max_input_pixels = int(max_input_pixels)
+        self.nms_iou = nms_iou
+        self.path: Path = self.spec.resolve(model_path)
+        self._session = onnx_session(
+            dynamic_onnx_bytes(self.path, {self.input_name: ["B", 3, "H", "W"]}), threads)
+        self._lock = threading.Lock()
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(self.spec.name, self.path.name, sha256_file(self.path), self.spec.license)
+
+    def detect(self, image: np.ndarray) -> Detections:
+        boxes, scores = [], []
+        passes = effective_scales(image.shape, self.scales, self.max_input_pixels)
+        for scale in passes:
+            b, s = self._detect_scaled(image, scale)
+            boxes.append(b)
+            scores.append(s)
+        xyxy = np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)
+        score = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+        if len(passes) > 1 and len(xyxy):
+            keep = nms(xyxy, score, self.nms_iou)
+            xyxy, score = xyxy[keep], score[keep]
+        h, w = image.shape[:2]
+        xyxy = np.clip(xyxy, 0, [w, h, w, h]).astype(np.float32)
+        ok = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+        return Detections.from_boxes(xyxy[ok], score[ok], CATEGORY)
+
+    def _run(self, blob: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        return list(self._session.run(outputs, {self.input_name: blob}))
+
+    def _detect_scaled(self, image: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+class YuNet(_OnnxFaceModel):
+    """YuNet 2023mar: anchor-free, strides 8/16/32; finds faces from about 10 px at scale 1."""
+
+    spec = YUNET
+    input_name = "input"
+    _strides = (8, 16, 32)
+    # YuNet's box runs from the brow to about the mouth and stops short of the chin, most of
+    # all on masked faces; move its top edge down 5% and its bottom edge down 10% of the box
+    # height so the covered region reaches the chin (measured on annotated photos).
+    _top_shift = 0.05
+    _bottom_shift = 0.10
+
+    def __init__(self, threshold: float = 0.5, scales: Sequence[float] = (1.0,),
+                 model_path: str | None = None, threads: int = 0,
+                 max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> None:
+        super().__init__(threshold, scales, model_path, threads, max_input_pixels)
+        self._outputs = [f"{k}_{s}" for s in self._strides for k in ("cls", "obj", "bbox")]
+
+    def _detect_scaled(self, image: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+        padded, sx, sy = _letterbox(image, scale)
+        _ph, pw = padded.shape[:2]
+        blob = padded.transpose(2, 0, 1)[None].astype(np.float32)
+        out = self._run(blob, self._outputs)
+        boxes, scores = [], []
+        for i, stride in enumerate(self._strides):
+            cls, obj, bbox = out[3 * i][0, :, 0], out[3 * i + 1][0, :, 0], out[3 * i + 2][0]
+            score = np.sqrt(np.clip(cls, 0, 1) * np.clip(obj, 0, 1))
+            idx = np.nonzero(score >= self.threshold)[0]
+            if not idx.size:
+                continue
+            cols = pw // stride
+            row, col = idx // cols, idx % cols
+            b = bbox[idx]
+            cx = (col + b[:, 0]) * stride
+            cy = (row + b[:, 1]) * stride
+            bw = np.exp(b[:, 2]) * stride
+            bh = np.exp(b[:, 3]) * stride
+            boxes.append(np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1))
+            scores.append(score[idx])
+        if not boxes:
+            return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+        xyxy = np.concatenate(boxes).astype(np.float32)
+        sc = np.concatenate(scores).astype(np.float32)
+        keep = nms(xyxy, sc, self.nms_iou)
+        xyxy = xyxy[keep]
+        h = xyxy[:, 3] - xyxy[:, 1]
+        xyxy[:, 1] += self._top_shift * h
+        xyxy[:, 3] += self._bottom_shift * h
+        return xyxy / np.array([sx, sy, sx, sy], np.float32), sc[keep]
+
+
+class CenterFace(_OnnxFaceModel):
+    """CenterFace: a centre heat map at stride 4; finds more small and side-on faces, slower."""
+
+    spec = CENTERFACE
+    input_name = "input.1"
+
+    def __init__(self, threshold: float = 0.4, scales: Sequence[float] = (1.0,),
+                 model_path: str | None = None, threads: int = 0,
+                 max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> None:
+        super().__init__(threshold, scales, model_path, threads, max_input_pixels)
+
+    def _detect_scaled(self, image: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+        padded, sx, sy = _letterbox(image, scale)
+        blob = padded[:, :, ::-1].transpose(2, 0, 1)[None].astype(np.float32)  # RGB
+        heat, size, offset = self._run(blob, ["537", "538", "539"])
+        heat = heat[0, 0]
+        ys, xs = np.nonzero(heat >= self.threshold)
+        if not ys.size:
+            return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+        bh = np.exp(size[0, 0, ys, xs]) * 4
+        bw = np.exp(size[0, 1, ys, xs]) * 4
+        cy = (ys + offset[0, 0, ys, xs] + 0.5) * 4
+        cx = (xs + offset[0, 1, ys, xs] + 0.5) * 4
+        xyxy = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1).astype(np.float32)
+        sc = heat[ys, xs].astype(np.float32)
+        keep = nms(xyxy, sc, self.nms_iou)
+        return xyxy[keep] / np.array([sx, sy, sx, sy], np.float32), sc[keep]

@@ -1,0 +1,1 @@
+"""One stream or file, start to end: decode, detect, track, redact, encode."""

@@ -1,0 +1,116 @@
+"""Redact files of any supported kind with one set of settings: the engine behind the CLI
+(and the API's workers). Models are loaded once per :class:`Redactor` and reused."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import av
+
+from engines.errors import MediaError
+from engines.redact import Style
+from engines.registry import (
+    IMAGE_PROFILE,
+    VIDEO_PROFILE,
+    CompositeDetector,
+    DetectorConfig,
+    build_detector,
+    resolve_categories,
+)
+from pipeline.image import probe_image_format, redact_image
+from pipeline.video import ProgressFn, VideoOptions, is_video_container, redact_video
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
+VIDEO_EXTENSIONS = {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".ts"}
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RedactSettings:
+    categories: tuple[str, ...] = ("faces",)
+    style: Style = field(default_factory=Style)
+    image_detector: DetectorConfig = IMAGE_PROFILE
+    video_detector: DetectorConfig = VIDEO_PROFILE
+    video: VideoOptions = field(default_factory=VideoOptions)
+    keep_metadata: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "categories", resolve_categories(self.categories))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["style"] = {k: (v.value if hasattr(v, "value") else v) for k, v in d["style"].items()}
+        return d
+
+
+def probe_kind(path: Path) -> str:
+    """``"image"`` or ``"video"``, judged by the content, not the name; else MediaError."""
+    if probe_image_format(path):
+        return "image"
+    try:
+        with av.open(str(path)) as c:
+            if c.streams.video and is_video_container(c.format.name):
+                return "video"
+    except (av.FFmpegError, OSError, ValueError):
+        pass
+    raise MediaError(f"{path.name}: not a supported image (JPEG, PNG, WebP) or video")
+
+
+class Redactor:
+    """Redacts files with fixed settings; safe to share between threads."""
+
+    def __init__(self, settings: RedactSettings) -> None:
+        self.settings = settings
+        self._detectors: dict[str, CompositeDetector] = {}
+        self._lock = threading.Lock()
+
+    def detector(self, kind: str) -> CompositeDetector:
+        with self._lock:
+            if kind not in self._detectors:
+                cfg = (self.settings.image_detector if kind == "image"
+                       else self.settings.video_detector)
+                self._detectors[kind] = build_detector(self.settings.categories, cfg)
+            return self._detectors[kind]
+
+    def redact(self, src: Path, dst: Path, progress: ProgressFn | None = None) -> dict[str, Any]:
+        """Redact ``src`` into ``dst`` and return its audit manifest entry."""
+        kind = probe_kind(src)
+        det = self.detector(kind)
+        entry: dict[str, Any] = {"input": src.name, "output": dst.name, "kind": kind,
+                                 "models": [dataclasses.asdict(m) for m in det.models]}
+        if kind == "image":
+            r = redact_image(src, dst, det, self.settings.style, self.settings.keep_metadata)
+            entry.update(width=r.width, height=r.height, format=r.format.lower(),
+                         counts=r.detections.counts(), seconds=round(r.wall_s, 3),
+                         boxes=r.detections.to_records())
+            if progress:
+                progress(1, 1)
+        else:
+            v = redact_video(src, dst, det, self.settings.style,
+                             dataclasses.replace(self.settings.video,
+                                                 keep_metadata=self.settings.keep_metadata),
+                             progress=progress)
+            entry.update(frames=v.frames, duration_s=round(v.duration_s, 3),
+                         counts=v.counts, distinct_objects=v.distinct_tracks,
+                         detector_calls=v.detector_calls,
+                         detector_calls_per_frame=round(v.detector_calls_per_frame, 3),
+                         audio_packets=v.audio_packets, seconds=round(v.wall_s, 3),
+                         fps=round(v.fps, 2), frames_detail=v.frames_detail)
+        return entry
+
+
+def manifest(settings: RedactSettings, files: list[dict[str, Any]]) -> dict[str, Any]:
+    """The audit manifest: settings used, then one entry per file."""
+    counts: dict[str, int] = {}
+    for f in files:
+        for k, v in f.get("counts", {}).items():
+            counts[k] = counts.get(k, 0) + v
+    return {"manifest_version": MANIFEST_VERSION, "settings": settings.to_dict(),
+            "counts": counts, "files": files}

@@ -1,0 +1,174 @@
+"""Carry boxes between detector calls, erring toward covering more.
+
+The detector runs on a subset of frames (see :class:`Scheduler`). Between calls the tracker
+predicts every live track forward with its velocity; the box grows with the time since the track
+was last seen. When a later detection arrives, boxes are also carried backward into frames that
+are still buffered (look-ahead): matched tracks are interpolated between their two detections,
+and a new track's box is copied back, grown, so an object is covered from the first frame it
+appears in even though the detector skipped that frame.
+
+What a frame gets covered is the union of its own detections, every confirmed, tentative and
+recently lost track, and the boxes carried back to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from engines.detections import Detections, Origin, iou_matrix
+
+MATCH_GATE = 2.0  # largest centre distance, in box sizes, at which a detection joins a track
+
+
+@dataclass
+class Track:
+    id: int
+    category: str
+    box: np.ndarray  # (4,) float64 xyxy at ``frame``
+    frame: int  # last frame the detector saw it on
+    velocity: np.ndarray  # (4,) px per frame of x1, y1, x2, y2
+    score: float
+    hits: int = 1
+
+    def predict(self, frame: int, margin: float) -> np.ndarray:
+        """Box at ``frame``, moved by the velocity and grown by the uncertainty."""
+        dt = frame - self.frame
+        box = self.box + self.velocity * dt
+        w, h = box[2] - box[0], box[3] - box[1]
+        # uncertainty: a share of the box size per frame apart, plus half the motion so far
+        gx = margin * w * min(abs(dt), 10) / 4 + abs(self.velocity[[0, 2]]).max() * abs(dt) / 2
+        gy = margin * h * min(abs(dt), 10) / 4 + abs(self.velocity[[1, 3]]).max() * abs(dt) / 2
+        return box + np.array([-gx, -gy, gx, gy])
+
+
+class Tracker:
+    """IoU / centre-distance tracker with constant velocity, made for a detector run every
+    ``period`` frames.
+
+    max_coast:  frames a track that the detector stopped finding is still covered.
+    margin:     box growth per 4 frames of uncertainty, as a share of the box size.
+    lookback:   how many earlier frames a new track's box is carried back into.
+    """
+
+    def __init__(self, period: int = 1, max_coast: int | None = None, margin: float = 0.15,
+                 lookback: int | None = None, match_iou: float = 0.05) -> None:
+        self.period = max(1, period)
+        self.max_coast = max_coast if max_coast is not None else 2 * self.period + 6
+        self.margin = margin
+        self.lookback = lookback if lookback is not None else 2 * self.period
+        self.match_iou = match_iou
+        self.tracks: list[Track] = []
+        self._next_id = 0
+        self.distinct: dict[str, int] = {}
+
+    def observe(self, frame: int, dets: Detections) -> tuple[Detections,
+                                                              list[tuple[int, Detections]]]:
+        """Take the detector's boxes for ``frame``.
+
+        Returns the detections with their track ids, and boxes carried backward as
+        ``(earlier_frame, Detections)`` pairs.
+        """
+        track_ids = np.full(len(dets), -1, np.int64)
+        back: dict[int, list[tuple[np.ndarray, Track]]] = {}
+        unmatched = list(range(len(dets)))
+        if self.tracks and len(dets):
+            pred = np.array([t.predict(frame, 0.0) for t in self.tracks])
+            sim = iou_matrix(pred.astype(np.float32), dets.xyxy)
+            # centre distance relative to size, to keep fast small objects matched
+            pc = (pred[:, :2] + pred[:, 2:]) / 2
+            dc = (dets.xyxy[:, :2] + dets.xyxy[:, 2:]) / 2
+            size = np.maximum(pred[:, 2:] - pred[:, :2], 1).max(1)
+            dist = np.linalg.norm(pc[:, None] - dc[None], axis=2) / size[:, None]
+            # a face may move more than its own size between detector calls: accept centres
+            # up to MATCH_GATE sizes apart, preferring overlap, then the nearer centre
+            score = np.where(dist < MATCH_GATE, np.maximum(sim, 0.5 * (1 - dist / MATCH_GATE)),
+                             sim)
+            same_cat = np.array([t.category for t in self.tracks])[:, None] == dets.category[None]
+            score = np.where(same_cat, score, 0)
+            used_t: set[int] = set()
+            for ti, di in zip(*np.unravel_index(np.argsort(-score, axis=None), score.shape),
+                              strict=True):
+                if score[ti, di] < self.match_iou:
+                    break
+                if ti in used_t or track_ids[di] >= 0:
+                    continue
+                used_t.add(int(ti))
+                t = self.tracks[ti]
+                new_box = dets.xyxy[di].astype(np.float64)
+                dt = frame - t.frame
+                if dt > 0:
+                    v = (new_box - t.box) / dt
+                    t.velocity = v if t.hits == 1 else 0.5 * t.velocity + 0.5 * v
+                    for g in range(t.frame + 1, frame):
+                        a = (g - t.frame) / dt
+                        interp = (1 - a) * t.box + a * new_box
+                        back.setdefault(g, []).append((self._grow(interp, 0.1), t))
+                t.box, t.frame, t.score = new_box, frame, float(dets.score[di])
+                t.hits += 1
+                track_ids[di] = t.id
+                unmatched.remove(int(di))
+        for di in unmatched:
+            t = Track(self._next_id, str(dets.category[di]), dets.xyxy[di].astype(np.float64),
+                      frame, np.zeros(4), float(dets.score[di]))
+            self._next_id += 1
+            self.distinct[t.category] = self.distinct.get(t.category, 0) + 1
+            self.tracks.append(t)
+            track_ids[di] = t.id
+            for k in range(1, self.lookback + 1):
+                back.setdefault(frame - k, []).append(
+                    (self._grow(t.box, self.margin * min(k, 10) / 4 + 0.1), t))
+        self.tracks = [t for t in self.tracks if frame - t.frame <= self.max_coast]
+        out = Detections(dets.xyxy, dets.score, dets.category, track_ids,
+                         np.full(len(dets), Origin.DETECTED, np.uint8))
+        carried = [(g, self._to_dets(items)) for g, items in sorted(back.items()) if g >= 0]
+        return out, carried
+
+    def predict(self, frame: int) -> Detections:
+        """Boxes for every live track not detected on ``frame`` itself."""
+        items = [(t.predict(frame, self.margin), t) for t in self.tracks if t.frame != frame
+                 and frame - t.frame <= self.max_coast]
+        return self._to_dets(items)
+
+    @staticmethod
+    def _grow(box: np.ndarray, share: float) -> np.ndarray:
+        w, h = box[2] - box[0], box[3] - box[1]
+        return box + np.array([-w, -h, w, h]) * share / 2
+
+    @staticmethod
+    def _to_dets(items: list[tuple[np.ndarray, Track]]) -> Detections:
+        if not items:
+            return Detections.empty()
+        return Detections(
+            np.array([b for b, _ in items], np.float32),
+            np.array([t.score for _, t in items], np.float32),
+            np.array([t.category for _, t in items], "<U16"),
+            np.array([t.id for _, t in items], np.int64),
+            np.full(len(items), Origin.TRACKED, np.uint8),
+        )
+
+
+class Scheduler:
+    """Decides which frames the detector runs on: every ``period`` frames, and at once when the
+    picture changes a lot (a scene cut or fast camera motion), judged on a 32x18 thumbnail."""
+
+    def __init__(self, period: int = 3, scene_change: float = 24.0) -> None:
+        if period < 1:
+            raise ValueError("the detector period must be at least 1 frame")
+        self.period = period
+        self.scene_change = scene_change  # mean absolute difference, 0..255
+        self._last_index: int | None = None
+        self._last_thumb: np.ndarray | None = None
+
+    def should_detect(self, index: int, pixels: np.ndarray) -> bool:
+        if self.period == 1:
+            return True
+        thumb = cv2.resize(pixels, (32, 18), interpolation=cv2.INTER_AREA).astype(np.int16)
+        due = self._last_index is None or index - self._last_index >= self.period
+        if not due and self._last_thumb is not None and self.scene_change > 0:
+            due = float(np.abs(thumb - self._last_thumb).mean()) > self.scene_change
+        if due:
+            self._last_index, self._last_thumb = index, thumb
+        return due
