@@ -20,6 +20,7 @@ import numpy as np
 BLUR_SAMPLES_ACROSS = 5
 PIXELATE_CELLS_ACROSS = 8  # pixelation cells across the short side of the box
 TINY_BOX_PX = 6  # below this, an ellipse would leave corners: cover the whole rectangle
+BORDER_PX = 0.5  # a box this close to the frame border is taken as cut by it
 
 
 class Method(StrEnum):
@@ -67,9 +68,11 @@ def mask_rects(xyxy: np.ndarray, width: int, height: int, mask_scale: float) -> 
     return _scaled_rects(xyxy, width, height, mask_scale)[0]
 
 
-def _scaled_rects(xyxy: np.ndarray, width: int, height: int,
-                  mask_scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`mask_rects`, and for each rectangle whether the frame border cut it."""
+def _scaled_rects(xyxy: np.ndarray, width: int, height: int, mask_scale: float,
+                  uncertain: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`mask_rects`, and for each rectangle whether the object may be cut by the frame
+    border: the box itself reaches the border, or, for a box whose position is ``uncertain``
+    (carried by the tracker), its grown rectangle does."""
     boxes = np.asarray(xyxy, np.float64).reshape(-1, 4)
     if not len(boxes):
         return np.zeros((0, 4), np.int32), np.zeros(0, bool)
@@ -77,7 +80,10 @@ def _scaled_rects(xyxy: np.ndarray, width: int, height: int,
     half = (boxes[:, 2:] - boxes[:, :2]) * (mask_scale / 2)
     rects = np.concatenate([np.floor(c - half), np.ceil(c + half)], 1)
     clipped = np.clip(rects, 0, [width, height, width, height])
-    cut = (clipped != rects).any(1)
+    cut = ((boxes[:, :2] <= BORDER_PX).any(1) | (boxes[:, 2] >= width - BORDER_PX)
+           | (boxes[:, 3] >= height - BORDER_PX))
+    if uncertain is not None:
+        cut |= np.asarray(uncertain, bool).reshape(-1) & (clipped != rects).any(1)
     out = clipped.astype(np.int32)
     keep = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
     return out[keep], cut[keep]
@@ -135,14 +141,17 @@ def redact_rect(image: np.ndarray, rect: np.ndarray | tuple[int, int, int, int],
         roi[:] = covered
 
 
-def redact_boxes(image: np.ndarray, xyxy: np.ndarray, style: Style) -> np.ndarray:
+def redact_boxes(image: np.ndarray, xyxy: np.ndarray, style: Style,
+                 uncertain: np.ndarray | None = None) -> np.ndarray:
     """Cover every box in ``xyxy`` (n, 4) float pixels; returns the rectangles covered.
 
-    A region that the frame border cuts is covered as a full rectangle even with the ellipse
+    A box that reaches the frame border is covered as a full rectangle even with the ellipse
     shape: the object goes on past the border, so the corners of its visible part are filled.
+    ``uncertain`` (n,) bool marks boxes carried by the tracker: for those it is enough that the
+    grown rectangle reaches the border.
     """
     h, w = image.shape[:2]
-    rects, cut = _scaled_rects(xyxy, w, h, style.mask_scale)
+    rects, cut = _scaled_rects(xyxy, w, h, style.mask_scale, uncertain)
     box_style = replace(style, shape=Shape.BOX) if style.shape is not Shape.BOX else style
     for r, at_border in zip(rects, cut, strict=True):
         redact_rect(image, r, box_style if at_border else style)

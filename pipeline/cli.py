@@ -77,7 +77,9 @@ def add_file_parser(sub: Any) -> None:
     p.add_argument("--face-model-path", metavar="ONNX", default=None,
                    help="use this .onnx file for the face model instead of the packaged one")
     p.add_argument("--threshold", type=float, default=None,
-                   help=f"detection score threshold (default: {VIDEO_PROFILE.threshold})")
+                   help=f"detection score threshold (default: {IMAGE_PROFILE.threshold} for "
+                        f"photos, {VIDEO_PROFILE.threshold} for video frames, where a face the "
+                        "detector misses stays missed until its next call)")
     p.add_argument("--image-scales", type=_scales, default=IMAGE_PROFILE.scales,
                    help="input scales for photos; 2 doubles the size, finding faces half as "
                         "large (default: 1,2,3)")

@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from engines.detections import Origin
 from engines.errors import DetectorError
 from engines.redact import Style, redact_boxes
 from engines.registry import Detector
@@ -105,7 +106,7 @@ class RedactStage:
     def push(self, frame: Frame) -> list[Frame]:
         """Take one decoded frame; return the frames that are now final and redacted."""
         self.frames_in += 1
-        if self.scheduler.should_detect(frame.index, frame.pixels):
+        if self.scheduler.should_detect(frame.index, frame.pixels, self.tracker.unsure()):
             self._detect(frame)
         t0 = time.perf_counter()
         frame.boxes.append(self.tracker.predict(frame.index))
@@ -152,7 +153,7 @@ class RedactStage:
         t0 = time.perf_counter()
         dets = frame.detections()
         frame.boxes = [dets]
-        redact_boxes(frame.pixels, dets.xyxy, self.style)
+        redact_boxes(frame.pixels, dets.xyxy, self.style, dets.origin == Origin.TRACKED)
         frame.redacted = True
         frame.timings_ms["redact"] = (time.perf_counter() - t0) * 1000
         return frame

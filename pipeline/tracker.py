@@ -20,7 +20,12 @@ import numpy as np
 
 from engines.detections import Detections, Origin, iou_matrix
 
+# a predicted box also grows by this share of the distance moved since last seen (speed changes)
+MOTION_SLACK = 0.75
 MATCH_GATE = 2.0  # largest centre distance, in box sizes, at which a detection joins a track
+UNSURE_SCORE = 0.5  # a track scoring under this makes the detector look again sooner
+# a new track's box, carried back before its motion is known, grows by this share of its size
+BIRTH_SLACK = 0.3
 
 
 @dataclass
@@ -39,8 +44,9 @@ class Track:
         box = self.box + self.velocity * dt
         w, h = box[2] - box[0], box[3] - box[1]
         # uncertainty: a share of the box size per frame apart, plus half the motion so far
-        gx = margin * w * min(abs(dt), 10) / 4 + abs(self.velocity[[0, 2]]).max() * abs(dt) / 2
-        gy = margin * h * min(abs(dt), 10) / 4 + abs(self.velocity[[1, 3]]).max() * abs(dt) / 2
+        motion = MOTION_SLACK * abs(dt)
+        gx = margin * w * min(abs(dt), 10) / 4 + abs(self.velocity[[0, 2]]).max() * motion
+        gy = margin * h * min(abs(dt), 10) / 4 + abs(self.velocity[[1, 3]]).max() * motion
         return box + np.array([-gx, -gy, gx, gy])
 
 
@@ -53,7 +59,7 @@ class Tracker:
     lookback:   how many earlier frames a new track's box is carried back into.
     """
 
-    def __init__(self, period: int = 1, max_coast: int | None = None, margin: float = 0.15,
+    def __init__(self, period: int = 1, max_coast: int | None = None, margin: float = 0.2,
                  lookback: int | None = None, match_iou: float = 0.05) -> None:
         self.period = max(1, period)
         self.max_coast = max_coast if max_coast is not None else 2 * self.period + 6
@@ -61,6 +67,7 @@ class Tracker:
         self.lookback = lookback if lookback is not None else 2 * self.period
         self.match_iou = match_iou
         self.tracks: list[Track] = []
+        self._last_frame = -1  # the latest frame the detector ran on
         self._next_id = 0
         self.distinct: dict[str, int] = {}
 
@@ -71,6 +78,7 @@ class Tracker:
         Returns the detections with their track ids, and boxes carried backward as
         ``(earlier_frame, Detections)`` pairs.
         """
+        self._last_frame = frame
         track_ids = np.full(len(dets), -1, np.int64)
         back: dict[int, list[tuple[np.ndarray, Track]]] = {}
         unmatched = list(range(len(dets)))
@@ -101,6 +109,13 @@ class Tracker:
                 dt = frame - t.frame
                 if dt > 0:
                     v = (new_box - t.box) / dt
+                    if t.hits == 1:
+                        # second sighting: now the motion is known, carry the first box
+                        # backward along it (it was carried back unmoved at birth)
+                        for k in range(1, self.lookback + 1):
+                            back.setdefault(t.frame - k, []).append(
+                                (self._grow(t.box - v * k, self.margin * min(k, 10) / 4 + 0.1),
+                                 t))
                     t.velocity = v if t.hits == 1 else 0.5 * t.velocity + 0.5 * v
                     for g in range(t.frame + 1, frame):
                         a = (g - t.frame) / dt
@@ -119,12 +134,18 @@ class Tracker:
             track_ids[di] = t.id
             for k in range(1, self.lookback + 1):
                 back.setdefault(frame - k, []).append(
-                    (self._grow(t.box, self.margin * min(k, 10) / 4 + 0.1), t))
+                    (self._grow(t.box, BIRTH_SLACK + self.margin * min(k, 10) / 4), t))
         self.tracks = [t for t in self.tracks if frame - t.frame <= self.max_coast]
         out = Detections(dets.xyxy, dets.score, dets.category, track_ids,
                          np.full(len(dets), Origin.DETECTED, np.uint8))
         carried = [(g, self._to_dets(items)) for g, items in sorted(back.items()) if g >= 0]
         return out, carried
+
+    def unsure(self) -> bool:
+        """Whether a live track is new, was missed by the last detection, or scores low: the
+        detector should look again sooner."""
+        return any(t.hits < 3 or t.frame < self._last_frame or t.score < UNSURE_SCORE
+                   for t in self.tracks)
 
     def predict(self, frame: int) -> Detections:
         """Boxes for every live track not detected on ``frame`` itself."""
@@ -151,8 +172,10 @@ class Tracker:
 
 
 class Scheduler:
-    """Decides which frames the detector runs on: every ``period`` frames, and at once when the
-    picture changes a lot (a scene cut or fast camera motion), judged on a 32x18 thumbnail."""
+    """Decides which frames the detector runs on: every ``period`` frames, every
+    ``period - 1`` while the tracker is unsure (``busy``: a new, lost or low-score track), and at
+    once when the picture changes a lot (a scene cut or fast camera motion), judged on a 32x18
+    thumbnail."""
 
     def __init__(self, period: int = 3, scene_change: float = 24.0) -> None:
         if period < 1:
@@ -162,11 +185,12 @@ class Scheduler:
         self._last_index: int | None = None
         self._last_thumb: np.ndarray | None = None
 
-    def should_detect(self, index: int, pixels: np.ndarray) -> bool:
+    def should_detect(self, index: int, pixels: np.ndarray, busy: bool = False) -> bool:
         if self.period == 1:
             return True
         thumb = cv2.resize(pixels, (32, 18), interpolation=cv2.INTER_AREA).astype(np.int16)
-        due = self._last_index is None or index - self._last_index >= self.period
+        period = max(1, self.period - 1) if busy else self.period
+        due = self._last_index is None or index - self._last_index >= period
         if not due and self._last_thumb is not None and self.scene_change > 0:
             due = float(np.abs(thumb - self._last_thumb).mean()) > self.scene_change
         if due:

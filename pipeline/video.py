@@ -194,12 +194,11 @@ def _run(inp: Any, vin: Any, ain: Any, out: Any, vout: Any, aout: Any, detector:
                 if pixels.shape[1] != width or pixels.shape[0] != height:
                     pixels = np.ascontiguousarray(pixels[:height, :width])
                 frame = Frame(index, pixels, vf.pts, vf.time_base)
-                t1 = time.perf_counter()
-                frame.timings_ms["decode"] = (t1 - t0) * 1000
-                t0 = t1
+                frame.timings_ms["decode"] = (time.perf_counter() - t0) * 1000
                 index += 1
                 if not decoded.put(frame):
                     return
+                t0 = time.perf_counter()  # time spent waiting for room is not decoding
 
     def encode() -> None:
         try:

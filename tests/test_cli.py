@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -114,9 +115,10 @@ def test_json_manifest(tree: Path, tmp_path: Path) -> None:
     video = files["clip.mp4"]
     assert video["kind"] == "video" and video["frames"] == 10
     detail_rows = video["frames_detail"]
-    # every 2nd frame, plus the last one so the tail gets boxes carried back
+    # every 2nd frame (every frame while the new track is unsure), and always the last one
     ran = [r["index"] for r in detail_rows if r["detector_ran"]]
-    assert ran == [0, 2, 4, 6, 8, 9] and video["detector_calls"] == len(ran)
+    assert ran[0] == 0 and ran[-1] == 9 and video["detector_calls"] == len(ran)
+    assert all(b - a <= 2 for a, b in itertools.pairwise(ran))
     assert [r["index"] for r in detail_rows] == list(range(10))
     assert [r["time_s"] for r in detail_rows] == [pytest.approx(i / 25) for i in range(10)]
     assert all(r["boxes"] for r in detail_rows), "the face is on every frame"

@@ -134,3 +134,26 @@ def test_method_parse(text: str, method: Method) -> None:
 def test_method_parse_unknown_lists_the_methods() -> None:
     with pytest.raises(ValueError, match="blur, pixelate, fill"):
         Method.parse("smudge")
+
+
+def test_box_reaching_the_border_is_covered_as_a_rectangle() -> None:
+    """An object cut by the frame border fills the corners of its visible part: those corners
+    are covered too, though the shape is an ellipse."""
+    fill = Style(Method.FILL, Shape.ELLIPSE, fill_bgr=(0, 0, 255))
+    at_border = np.zeros((100, 100, 3), np.uint8)
+    redact_boxes(at_border, np.array([[60.0, 30.0, 100.0, 70.0]]), fill)
+    assert (at_border[26, 99] == (0, 0, 255)).all()  # corner of the grown rectangle
+    inside = np.zeros((100, 100, 3), np.uint8)
+    redact_boxes(inside, np.array([[40.0, 30.0, 80.0, 70.0]]), fill)
+    assert (inside[26, 84] == 0).all()  # the same corner of an ellipse away from the border
+
+
+def test_uncertain_box_whose_grown_region_reaches_the_border_is_a_rectangle() -> None:
+    fill = Style(Method.FILL, Shape.ELLIPSE, fill_bgr=(0, 0, 255))
+    box = np.array([[62.0, 30.0, 98.0, 70.0]])  # grown 1.3x it passes the right border
+    certain = np.zeros((100, 100, 3), np.uint8)
+    redact_boxes(certain, box, fill)
+    tracked = np.zeros((100, 100, 3), np.uint8)
+    redact_boxes(tracked, box, fill, uncertain=np.array([True]))
+    assert (certain[25, 99] == 0).all()
+    assert (tracked[25, 99] == (0, 0, 255)).all()

@@ -111,10 +111,12 @@ def test_box_found_on_a_later_scheduled_frame_is_carried_back() -> None:
     look-ahead buffer, are covered too."""
     det = BlobDetector(only_calls=range(2, 100))
     out = run_stage(static_disc(12), det, period=3, lookahead=8)
-    assert [f.index for f in out if f.detector_ran] == [0, 3, 6, 9, 11]  # 11: the last frame
+    # every 3rd frame until the face shows up; then sooner while its track is new; and the
+    # last frame
+    assert [f.index for f in out if f.detector_ran] == [0, 3, 6, 8, 10, 11]
     assert [visible(f) for f in out] == [0] * 12
-    for f in out[:6]:
-        assert f.boxes[0].origin.tolist() == [Origin.TRACKED]
+    for f in out[:6]:  # carried back: at birth, and again along the motion at frame 8
+        assert set(f.boxes[0].origin.tolist()) == {Origin.TRACKED}
         assert (f.pixels[80, 120] == RED).all()
 
 
@@ -138,7 +140,8 @@ def test_moving_face_is_covered_between_detector_calls() -> None:
     frames = [disc_frame(20 + 3 * i, 60 + i) for i in range(40)]
     det = BlobDetector()
     out = run_stage(frames, det, period=4, lookahead=8)
-    assert det.calls == 11  # every 4th frame, and the last one
+    # every 4th frame, every 3rd while the track is new, and the last frame
+    assert det.calls == 12
     assert [visible(f) for f in out] == [0] * 40
 
 
@@ -191,8 +194,13 @@ def test_tracker_ids_predictions_and_backward_boxes() -> None:
     # the same object 6 px further: same track, frames in between interpolated
     out, back = t.observe(13, dets((106, 100, 146, 140)))
     assert out.track_id.tolist() == [0]
-    assert [g for g, _ in back] == [11, 12]
-    assert back[0][1].xyxy[0][0] == pytest.approx(102 - 0.1 * 40 / 2, abs=0.01)
+    # frames in between are interpolated; now that the motion is known (2 px a frame), the
+    # first box is also carried back along it into the look-back frames before frame 10
+    assert sorted({g for g, _ in back}) == [6, 7, 8, 9, 11, 12]
+    between = dict(back)[11]
+    assert between.xyxy[0][0] == pytest.approx(102 - 0.1 * 40 / 2, abs=0.01)
+    x1_before = {g: d.xyxy[0][0] for g, d in back if g < 10 and d.xyxy[0][0] > 90}
+    assert x1_before and all(x1_before[g] < x1_before.get(g + 1, 1e9) for g in x1_before)
     # forward prediction moves with the velocity and grows
     pred = t.predict(15)
     assert pred.track_id.tolist() == [0]
@@ -246,3 +254,24 @@ def test_scheduler_runs_at_once_on_a_scene_change() -> None:
 def test_scheduler_rejects_period_0() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         Scheduler(0)
+
+
+def test_scheduler_looks_sooner_while_the_tracker_is_unsure() -> None:
+    blank = np.full((H, W, 3), 90, np.uint8)
+    calm, busy = Scheduler(period=4), Scheduler(period=4)
+    calm_runs = [i for i in range(12) if calm.should_detect(i, blank)]
+    busy_runs = [i for i in range(12) if busy.should_detect(i, blank, busy=True)]
+    assert calm_runs == [0, 4, 8]
+    assert busy_runs == [0, 3, 6, 9]
+
+
+def test_tracker_is_unsure_about_new_lost_and_low_score_tracks() -> None:
+    t = Tracker(period=3)
+    assert not t.unsure()
+    t.observe(0, dets((10, 10, 40, 40)))
+    assert t.unsure()  # new
+    t.observe(3, dets((10, 10, 40, 40)))
+    t.observe(6, dets((10, 10, 40, 40)))
+    assert not t.unsure()  # seen three times at a high score
+    t.observe(9, Detections.empty())
+    assert t.unsure()  # missed by the last detection

@@ -60,8 +60,8 @@ def test_moving_face_is_covered_on_every_frame(tmp_path: Path, period: int,
     for a, b in zip(before.frames, after.frames, strict=True):
         assert np.abs(a[190:].astype(int) - b[190:]).mean() < 3
     assert report.frames == 24
-    # every `period` frames, and the last frame when the schedule skipped it
-    assert report.detector_calls == (24 if period == 1 else 9)
+    # every `period` frames (sooner while a track is new), and the last frame
+    assert report.detector_calls == 24 if period == 1 else 8 <= report.detector_calls <= 12
     assert len(report.frames_detail) == 24
     assert all(d["boxes"] for d in report.frames_detail)
     assert report.counts.get("faces", 0) >= 24
