@@ -30,6 +30,7 @@ from engines.models import (
 CATEGORY = "faces"
 _STRIDE_ALIGN = 32
 DEFAULT_MAX_INPUT_PIXELS = 3840 * 2160  # a pass never feeds the model more than this
+UPSCALED_PASS_MAX_FACE_PX = 160  # model-input pixels; larger boxes of enlarged passes are dropped
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,11 @@ class _OnnxFaceModel:
         passes = effective_scales(image.shape, self.scales, self.max_input_pixels)
         for scale in passes:
             b, s = self._detect_scaled(image, scale)
+            if scale > passes[0] * 1.1 and len(b):
+                # an enlarged pass is there for small faces; a large box in it is a texture
+                # blown up to face size (badges, patterns), and the first pass sees large faces
+                small = (b[:, 2:] - b[:, :2]).min(1) * scale <= UPSCALED_PASS_MAX_FACE_PX
+                b, s = b[small], s[small]
             boxes.append(b)
             scores.append(s)
         xyxy = np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)

@@ -184,7 +184,7 @@ def run_file(args: argparse.Namespace) -> int:
                 bar.close()
         entries.append(entry)
         if not args.quiet:
-            counts = ", ".join(f"{v} {k}" for k, v in entry["counts"].items()) or "nothing"
+            counts = ", ".join(f"{k}: {v}" for k, v in entry["counts"].items()) or "nothing"
             extra = (f", {entry['frames']} frames at {entry['fps']} frames/s, "
                      f"{entry['detector_calls_per_frame']} detector calls/frame"
                      if entry["kind"] == "video" else "")

@@ -26,6 +26,7 @@ IMAGE_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 # Pillow names phone JPEGs that carry extra pictures (gain maps, depth) MPO; they are JPEG files
 # and come out as a plain JPEG of the main picture.
 _FORMAT_ALIASES = {"MPO": "JPEG"}
+_EXTENSION_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}
 MAX_IMAGE_PIXELS = 100_000_000  # larger images are refused before their pixels are decoded
 
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
@@ -76,6 +77,7 @@ def redact_image(src: Path, dst: Path, detector: Detector, style: Style,
         raise DetectorError(f"detector failed on {src.name}: {exc}") from exc
     redact_boxes(bgr, dets.xyxy, style)
     out = Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1]))
+    fmt = _EXTENSION_FORMATS.get(dst.suffix.lower(), fmt)  # an output named .png is a PNG
     if alpha is not None and fmt != "JPEG":
         out.putalpha(alpha)
     save: dict[str, Any] = {}

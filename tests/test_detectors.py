@@ -204,3 +204,13 @@ def test_build_detector_for_no_category_finds_nothing(astronaut_bgr: np.ndarray)
     det = build_detector((), VIDEO_PROFILE)
     assert det.categories == () and det.models == []
     assert len(det.detect(astronaut_bgr)) == 0
+
+
+def test_enlarged_passes_do_not_add_large_false_faces(image_detector: CompositeDetector,
+                                                      astronaut_bgr: np.ndarray) -> None:
+    """The astronaut photo has one face; the 2x and 3x passes (for small faces) blow the
+    mission patch and the shuttle up to face size, and must not cover them."""
+    found = image_detector.detect(astronaut_bgr)
+    assert len(found) == 1
+    x1, y1, x2, y2 = found.xyxy[0]
+    assert 150 < (x1 + x2) / 2 < 300 and 60 < (y1 + y2) / 2 < 200

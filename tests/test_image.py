@@ -226,3 +226,13 @@ def test_multi_picture_jpeg_from_a_phone_is_redacted(tmp_path: Path,
     redact_image(src, dst, image_detector, Style(Method.FILL, fill_bgr=MAGENTA))
     assert fill_fraction(region(load_bgr(dst), ASTRONAUT_FACE_CORE), MAGENTA) > 0.95
     assert os.path.getsize(dst) > 0
+
+
+def test_output_named_with_another_image_extension_takes_that_format(
+        tmp_path: Path, image_detector: CompositeDetector) -> None:
+    src = tmp_path / "in.jpg"
+    Image.fromarray(astronaut_rgb()).save(src, format="JPEG")
+    dst = tmp_path / "out.png"
+    redact_image(src, dst, image_detector, Style())
+    with Image.open(dst) as im:
+        assert im.format == "PNG"
