@@ -113,6 +113,8 @@ def onnx_session(model_bytes: bytes, threads: int = 0) -> Any:
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    # no busy-waiting between runs: decoding and encoding threads need those cores
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     with _session_lock:
         return ort.InferenceSession(model_bytes, sess_options=opts,
