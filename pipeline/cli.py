@@ -215,9 +215,11 @@ def list_categories(args: argparse.Namespace) -> int:
     avail = set(available_categories())
     rows = []
     for c in CATEGORIES:
-        models = ", ".join(f"{m.name} ({m.license}, pip {m.pip_name})" for m in c.models)
+        models = ", ".join(f"{m.name} ({m.license}, pip {m.pip_name})" for m in c.requires)
         state = "available" if c.name in avail else f"unavailable: {c.unavailable_reason()}"
         aliases = f" (aliases: {', '.join(c.aliases)})" if c.aliases else ""
-        rows.append(f"{c.name}{aliases}\n  {c.description}\n  models: {models}\n  {state}")
+        mapped = f"\n  reported as: {c.maps_to}" if c.maps_to else ""
+        rows.append(f"{c.name}{aliases}\n  {c.description}\n  models: {models or 'none'}"
+                    f"{mapped}\n  {state}")
     print("\n".join(rows))
     return 0

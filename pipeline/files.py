@@ -20,6 +20,7 @@ from engines.registry import (
     CompositeDetector,
     DetectorConfig,
     build_detector,
+    category,
     resolve_categories,
 )
 from pipeline.image import probe_image_format, redact_image
@@ -112,5 +113,6 @@ def manifest(settings: RedactSettings, files: list[dict[str, Any]]) -> dict[str,
     for f in files:
         for k, v in f.get("counts", {}).items():
             counts[k] = counts.get(k, 0) + v
+    mapped = {c: category(c).maps_to for c in settings.categories if category(c).maps_to}
     return {"manifest_version": MANIFEST_VERSION, "settings": settings.to_dict(),
-            "counts": counts, "files": files}
+            "category_mapping": mapped, "counts": counts, "files": files}

@@ -129,7 +129,7 @@ def test_json_manifest(tree: Path, tmp_path: Path) -> None:
     assert m["counts"] == {"faces": total}
 
 
-@pytest.mark.parametrize("categories", ["plates", "faces,plates", "heads,licence"])
+@pytest.mark.parametrize("categories", ["wheels", "faces,wheels", "heads,licence"])
 def test_unknown_category_exits_2_and_lists_the_available(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], categories: str) -> None:
     a = write_photo(tmp_path / "a.jpg", "JPEG")
@@ -137,6 +137,16 @@ def test_unknown_category_exits_2_and_lists_the_available(
     assert rc == 2
     err = capsys.readouterr().err
     assert "unknown category" in err and "available: faces" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_known_category_without_a_detector_exits_2(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = write_photo(tmp_path / "a.jpg", "JPEG")
+    rc = main(["file", str(a), "-o", str(tmp_path / "out"), "--categories", "faces,tattoos"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "'tattoos' is not available" in err and "available: faces" in err
     assert not (tmp_path / "out").exists()
 
 
