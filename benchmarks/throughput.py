@@ -47,7 +47,9 @@ import av
 
 from engines.errors import RedactionError
 from engines.redact import Method, Style
-from engines.registry import VIDEO_PROFILE, build_detector
+from engines.registry import VIDEO_PROFILE, build_detector, resolve_categories
+from pipeline.config import apply_sets
+from pipeline.files import RedactSettings
 from pipeline.video import VideoOptions, VideoReport, redact_video
 
 log = logging.getLogger(__name__)
@@ -242,6 +244,8 @@ class OurRun:
     stage_ms_per_frame: dict[str, float]
     detector_calls_per_frame: float
     frames: int
+    # per detector (engine): calls per frame and detector milliseconds per call and per frame
+    engines: dict[str, dict[str, float]] = field(default_factory=dict)
     output: dict[str, float] = field(default_factory=dict)  # frames, audio packets, duration
     problems: list[str] = field(default_factory=list)
 
@@ -266,6 +270,10 @@ def run_ours(clip: Path, out: Path, detector: Any, style: Style, options: VideoO
     run = OurRun(report.wall_s, src.frames / report.wall_s if report.wall_s else 0.0,
                  {k: report.stage_ms.get(k, 0.0) / frames for k in STAGES},
                  report.detector_calls_per_frame, report.frames)
+    run.engines = {name: {"calls_per_frame": calls / frames,
+                          "ms_per_call": report.detector_ms_by[name] / calls if calls else 0.0,
+                          "ms_per_frame": report.detector_ms_by[name] / frames}
+                   for name, calls in report.detector_calls_by.items()}
     facts = probe(out)
     run.output = {"frames": facts.frames, "audio_packets": facts.audio_packets,
                   "duration_s": facts.duration_s}
@@ -318,6 +326,9 @@ def format_report(summary: dict[str, Any]) -> str:
                  "queue waits excluded")
     lines.append(f"ours detector calls/frame: {summary['ours']['detector_calls_per_frame']:.3f};"
                  f" detector setup {summary['ours']['setup_s']:.2f} s (not in frames/s)")
+    for name, e in summary["ours"]["engines"].items():
+        lines.append(f"  {name:<26} {e['calls_per_frame']:.3f} calls/frame, "
+                     f"{e['ms_per_call']:.1f} ms/call, {e['ms_per_frame']:.2f} ms/frame")
     mem = f"peak RSS: ours {summary['ours']['peak_rss_mib']:.0f} MiB (process, " \
           f"{summary['ours']['rss_before_runs_mib']:.0f} MiB before the first run)"
     if deface:
@@ -352,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deface-venv", type=Path, default=None, metavar="DIR",
                    help="deface's virtual environment, created if missing "
                         f"(default: {default_deface_venv()})")
+    p.add_argument("--categories", default="faces",
+                   help="comma-separated categories, as for `redact file` (default: faces)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="CAT.KEY=VALUE",
+                   help="a per-category setting, as for `redact file --set`")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     p.add_argument("-q", "--quiet", action="store_true", help="log only warnings")
     return p
@@ -386,7 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     style = Style(method=Method.parse(args.method))
     options = VideoOptions(period=args.detect_every)
     t0 = time.perf_counter()
-    detector = build_detector(("faces",), VIDEO_PROFILE)
+    try:
+        categories = resolve_categories(args.categories.split(","))
+        per = apply_sets({}, args.sets)
+        settings = RedactSettings(categories=categories, per_category=per)
+    except ValueError as exc:
+        print(f"throughput: {exc}", file=sys.stderr)
+        return 2
+    detector = build_detector(settings.categories, VIDEO_PROFILE, settings.per_category)
     setup_s = time.perf_counter() - t0
     rss_before = peak_rss_mib()
 
@@ -422,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     problems = sorted({p for r in ours for p in r.problems})
     summary: dict[str, Any] = {
         "benchmark": "throughput", "clip": clip.name, "method": style.method.value,
+        "categories": list(settings.categories),
+        "per_category": settings.to_dict()["per_category"],
         "detect_every": options.period,
         "input": {**{k: v for k, v in asdict(src).items() if k != "decode_s"},
                   "decode_only_ms_per_frame": 1000 * src.decode_s / max(src.frames, 1)},
@@ -433,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
             "stage_ms_per_frame": {k: _median([r.stage_ms_per_frame[k] for r in ours])
                                    for k in STAGES},
             "detector_calls_per_frame": _median([r.detector_calls_per_frame for r in ours]),
+            "engines": {name: {k: _median([r.engines[name][k] for r in ours])
+                               for k in ours[0].engines[name]} for name in ours[0].engines},
             "peak_rss_mib": peak_rss_mib(), "rss_before_runs_mib": rss_before,
             "problems": problems,
             "runs": [asdict(r) for r in ours],

@@ -83,6 +83,15 @@ TEXT_DET = ModelSpec(
     env_var="REDACT_TEXT_MODEL",
 )
 
+TEXT_REC = ModelSpec(
+    name="pp-ocrv6-rec-small",
+    package="rapidocr",
+    resource="models/PP-OCRv6_rec_small.onnx",
+    pip_name="rapidocr==3.10.0",
+    license="Apache-2.0",
+    env_var="REDACT_TEXT_REC_MODEL",
+)
+
 ZXING = PackageSpec(name="zxing-cpp", module="zxingcpp", pip_name="zxing-cpp",
                     license="Apache-2.0")
 

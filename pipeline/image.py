@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from engines.detections import Detections
 from engines.errors import DetectorError, MediaError
-from engines.redact import Style, redact_boxes
+from engines.redact import Style, redact_detections
 from engines.registry import Detector
 
 IMAGE_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
@@ -75,7 +75,7 @@ def redact_image(src: Path, dst: Path, detector: Detector, style: Style,
         dets = detector.detect(bgr)
     except Exception as exc:
         raise DetectorError(f"detector failed on {src.name}: {exc}") from exc
-    redact_boxes(bgr, dets.xyxy, style)
+    redact_detections(bgr, dets, style)
     out = Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1]))
     fmt = _EXTENSION_FORMATS.get(dst.suffix.lower(), fmt)  # an output named .png is a PNG
     if alpha is not None and fmt != "JPEG":

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from engines.detections import Origin
 from engines.errors import DetectorError
-from engines.redact import Style, redact_boxes
+from engines.redact import Style, redact_detections
 from engines.registry import Detector
 from pipeline.frame import Frame
 from pipeline.tracker import Scheduler, Tracker
@@ -85,9 +86,27 @@ def run_thread(name: str, target: Callable[[], None], out: Channel) -> threading
     return t
 
 
+@dataclass
+class Lane:
+    """One detector with its own schedule and tracker (engines differ a lot in cost: the face
+    detector can run every few frames, the text detector behind plates only now and then)."""
+
+    name: str
+    detector: Detector
+    scheduler: Scheduler
+    tracker: Tracker
+    calls: int = 0
+    detect_ms: float = 0.0  # summed over the calls
+
+
 class RedactStage:
     """Detect on scheduled frames, track, hold ``lookahead`` frames so boxes can be carried
     backward, then redact. Frames come out in order, each marked ``redacted``.
+
+    ``detector`` may be a composite (see :class:`engines.registry.CompositeDetector`): each of
+    its parts then runs on its own schedule, every ``part.period`` frames (``period`` when the
+    part sets none). The look-ahead is at least the longest period, so an object that appears
+    between two calls of a slow detector is still covered from its first frame.
 
     A detector error is raised as :class:`DetectorError`; no frame after it is released.
     """
@@ -96,50 +115,83 @@ class RedactStage:
                  scene_change: float = 24.0) -> None:
         self.detector = detector
         self.style = style
-        self.scheduler = Scheduler(period, scene_change)
-        self.tracker = Tracker(period=period, lookback=lookahead)
-        self.lookahead = max(0, lookahead)
+        parts = getattr(detector, "parts", None) or [detector]
+        ids = itertools.count()
+        self.lanes: list[Lane] = []
+        for part in parts:
+            p = getattr(part, "period", None) or period
+            self.lanes.append(Lane("+".join(part.categories), part, Scheduler(p, scene_change),
+                                   Tracker(period=p, lookback=max(lookahead, p), ids=ids)))
+        self.lookahead = max([max(0, lookahead)] + [
+            lane.scheduler.period for lane in self.lanes if lane.scheduler.period > 1])
         self._buffer: deque[Frame] = deque()
-        self.detector_calls = 0
         self.frames_in = 0
+
+    @property
+    def detector_calls(self) -> int:
+        return sum(lane.calls for lane in self.lanes)
+
+    @property
+    def calls_by_lane(self) -> dict[str, int]:
+        return {lane.name: lane.calls for lane in self.lanes}
+
+    @property
+    def ms_by_lane(self) -> dict[str, float]:
+        """Detector time per lane, summed over its calls (milliseconds)."""
+        return {lane.name: lane.detect_ms for lane in self.lanes}
+
+    @property
+    def distinct(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for lane in self.lanes:
+            for k, v in lane.tracker.distinct.items():
+                out[k] = out.get(k, 0) + v
+        return out
 
     def push(self, frame: Frame) -> list[Frame]:
         """Take one decoded frame; return the frames that are now final and redacted."""
         self.frames_in += 1
-        if self.scheduler.should_detect(frame.index, frame.pixels, self.tracker.unsure()):
-            self._detect(frame)
-        t0 = time.perf_counter()
-        frame.boxes.append(self.tracker.predict(frame.index))
-        self._add_ms(frame, "track", t0)
         self._buffer.append(frame)
+        for lane in self.lanes:
+            if lane.scheduler.should_detect(frame.index, frame.pixels, lane.tracker.unsure()):
+                self._detect(lane, frame)
+            t0 = time.perf_counter()
+            frame.boxes.append(lane.tracker.predict(frame.index))
+            self._add_ms(frame, "track", t0)
         out = []
         while len(self._buffer) > self.lookahead:
             out.append(self._finish(self._buffer.popleft()))
         return out
 
     def flush(self) -> list[Frame]:
-        """Release every held frame (end of input). The last frame is detected too when the
-        schedule skipped it, so the frames before it get boxes carried backward as well."""
-        if self._buffer and not self._buffer[-1].detector_ran:
-            self._detect(self._buffer[-1])
+        """Release every held frame (end of input). The last frame is detected too by every
+        detector whose schedule skipped it, so the frames before it get boxes carried backward
+        as well."""
+        if self._buffer:
+            last = self._buffer[-1]
+            for lane in self.lanes:
+                if lane.name not in last.lanes_ran:
+                    self._detect(lane, last)
         out = [self._finish(f) for f in self._buffer]
         self._buffer.clear()
         return out
 
-    def _detect(self, frame: Frame) -> None:
+    def _detect(self, lane: Lane, frame: Frame) -> None:
         t0 = time.perf_counter()
         try:
-            found = self.detector.detect(frame.pixels)
+            found = lane.detector.detect(frame.pixels)
         except Exception as exc:
             raise DetectorError(f"detector failed on frame {frame.index}: {exc}") from exc
-        self.detector_calls += 1
+        lane.calls += 1
         frame.detector_ran = True
+        frame.lanes_ran.add(lane.name)
         t1 = self._add_ms(frame, "detect", t0)
-        found, carried = self.tracker.observe(frame.index, found)
+        lane.detect_ms += (t1 - t0) * 1000
+        found, carried = lane.tracker.observe(frame.index, found)
         frame.boxes.append(found)
         by_index = {f.index: f for f in self._buffer}
         for g, dets in carried:
-            if g in by_index:
+            if g in by_index and g != frame.index:
                 by_index[g].boxes.append(dets)
         self._add_ms(frame, "track", t1)
 
@@ -153,8 +205,7 @@ class RedactStage:
         t0 = time.perf_counter()
         dets = frame.detections()
         frame.boxes = [dets]
-        redact_boxes(frame.pixels, dets.xyxy, self.style, dets.origin == Origin.TRACKED)
+        redact_detections(frame.pixels, dets, self.style)
         frame.redacted = True
         frame.timings_ms["redact"] = (time.perf_counter() - t0) * 1000
         return frame
-

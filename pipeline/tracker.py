@@ -13,6 +13,8 @@ recently lost track, and the boxes carried back to it.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -60,7 +62,8 @@ class Tracker:
     """
 
     def __init__(self, period: int = 1, max_coast: int | None = None, margin: float = 0.2,
-                 lookback: int | None = None, match_iou: float = 0.05) -> None:
+                 lookback: int | None = None, match_iou: float = 0.05,
+                 ids: Iterator[int] | None = None) -> None:
         self.period = max(1, period)
         self.max_coast = max_coast if max_coast is not None else 2 * self.period + 6
         self.margin = margin
@@ -68,7 +71,7 @@ class Tracker:
         self.match_iou = match_iou
         self.tracks: list[Track] = []
         self._last_frame = -1  # the latest frame the detector ran on
-        self._next_id = 0
+        self._ids = ids if ids is not None else itertools.count()  # shared by several trackers
         self.distinct: dict[str, int] = {}
 
     def observe(self, frame: int, dets: Detections) -> tuple[Detections,
@@ -126,9 +129,8 @@ class Tracker:
                 track_ids[di] = t.id
                 unmatched.remove(int(di))
         for di in unmatched:
-            t = Track(self._next_id, str(dets.category[di]), dets.xyxy[di].astype(np.float64),
+            t = Track(next(self._ids), str(dets.category[di]), dets.xyxy[di].astype(np.float64),
                       frame, np.zeros(4), float(dets.score[di]))
-            self._next_id += 1
             self.distinct[t.category] = self.distinct.get(t.category, 0) + 1
             self.tracks.append(t)
             track_ids[di] = t.id

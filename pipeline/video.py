@@ -51,7 +51,9 @@ class VideoOptions:
 @dataclass
 class VideoReport:
     frames: int = 0
-    detector_calls: int = 0
+    detector_calls: int = 0  # summed over the detectors (see detector_calls_by)
+    detector_calls_by: dict[str, int] = field(default_factory=dict)  # per detector
+    detector_ms_by: dict[str, float] = field(default_factory=dict)  # per detector, summed
     duration_s: float = 0.0
     wall_s: float = 0.0
     stage_ms: dict[str, float] = field(default_factory=dict)  # summed over frames
@@ -246,6 +248,7 @@ def _run(inp: Any, vin: Any, ain: Any, out: Any, vout: Any, aout: Any, detector:
                     report.frames_detail.append({
                         "index": f.index, "pts": f.pts, "time_s": f.time_s,
                         "detector_ran": f.detector_ran,
+                        "detectors_ran": sorted(f.lanes_ran),
                         "boxes": dets.to_records() if dets is not None else []})
                 report.frames += 1
                 if not to_encode.put(f):
@@ -272,6 +275,8 @@ def _run(inp: Any, vin: Any, ain: Any, out: Any, vout: Any, aout: Any, detector:
         dec_thread.join(timeout=10)
         enc_thread.join(timeout=30)
     report.detector_calls = stage.detector_calls
-    report.distinct_tracks = dict(stage.tracker.distinct)
+    report.detector_calls_by = stage.calls_by_lane
+    report.detector_ms_by = stage.ms_by_lane
+    report.distinct_tracks = stage.distinct
     report.stage_ms = stage_ms
     report.duration_s = float(vin.duration * vin.time_base) if vin.duration else 0.0

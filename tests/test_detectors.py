@@ -175,29 +175,46 @@ def test_bad_detector_settings_raise() -> None:
 # categories
 
 
+ALL = ("faces", "license_plates", "text", "qr_codes", "barcodes", "documents", "street_signs",
+       "name_badges", "screens", "id_cards", "credit_cards", "passports")
+
+
 @pytest.mark.parametrize(("names", "expected"), [
-    (None, ("faces",)),
-    ([], ("faces",)),
+    (None, ALL),
+    ([], ALL),
     (["faces"], ("faces",)),
     (["heads"], ("faces",)),
     (["face"], ("faces",)),
     ([" HEADS ", "faces", ""], ("faces",)),
+    (["plates", "licence_plates", "QR"], ("license_plates", "qr_codes")),
+    (["documents", "text"], ("documents", "text")),
 ])
 def test_resolve_categories(names: list[str] | None, expected: tuple[str, ...]) -> None:
     assert resolve_categories(names) == expected
 
 
-@pytest.mark.parametrize("names", [["plates"], ["faces", "licence-plates"], ["fcaes"]])
-def test_unknown_category_lists_the_available_ones(names: list[str]) -> None:
+@pytest.mark.parametrize("names", [["tattoos"], ["faces", "licence-plates"], ["fcaes"]])
+def test_unknown_or_unavailable_category_lists_the_available_ones(names: list[str]) -> None:
     with pytest.raises(UnknownCategoryError) as err:
         resolve_categories(names)
-    assert err.value.available == ("faces",)
-    assert "available: faces" in str(err.value)
+    assert err.value.available == ALL
+    assert "available: faces, license_plates, text" in str(err.value)
     assert isinstance(err.value, ValueError) and isinstance(err.value, RedactionError)
 
 
+def test_tattoos_are_unavailable_and_say_why() -> None:
+    with pytest.raises(UnknownCategoryError, match="custom model"):
+        resolve_categories(["tattoos"])
+
+
+def test_a_category_a_user_model_serves_becomes_available() -> None:
+    assert resolve_categories(["tattoos", "faces"], custom=["tattoos"]) == ("tattoos", "faces")
+    assert resolve_categories(["logos"], custom=["logos"]) == ("logos",)
+    assert available_categories(["logos"])[-1] == "logos"
+
+
 def test_available_categories() -> None:
-    assert available_categories() == ("faces",)
+    assert available_categories() == ALL
 
 
 def test_build_detector_for_no_category_finds_nothing(astronaut_bgr: np.ndarray) -> None:

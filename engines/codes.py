@@ -1,0 +1,648 @@
+"""QR codes and 1-D/2-D barcodes, found by decoding and by decode-free locators.
+
+A code has to be covered whether or not it can be read, so decoding is only one of the passes,
+all run on a copy of the frame scaled down to ``max_side``:
+
+1. ``zxing``: zxing-cpp ``read_barcodes`` with ``return_errors=True``: codes it decodes
+   (score 1.0, box from the exact corners) and QR-family symbols it locates but cannot decode
+   (score 0.6);
+2. ``zxing_2x``: the same on a 2x enlargement when the frame is small (``upscale_small``), for
+   codes a couple of pixels per module wide;
+3. ``texture`` (QR codes only): a pyramid of maps of dense, high-contrast texture; every blob is
+   scored by a logistic model over its shape, texture, quiet-zone ring and the QR finder
+   patterns found inside it (score = that probability, kept above ``texture_threshold``);
+4. ``cv_barcode`` (barcodes only): OpenCV's gradient locator for 1-D codes, each candidate
+   confirmed by zxing-cpp on a rectified crop (score 1.0 when read, else 0.5) or by its bars.
+
+Categories: QR Code, Micro QR and rMQR are ``qr_codes``; every other symbology (EAN/UPC,
+Code 128/39/93, ITF, Codabar, DataBar, PDF417, Data Matrix, Aztec, MaxiCode...) is
+``barcodes``. The texture locator cannot tell a QR code from other 2-D matrix codes, so an
+unreadable Data Matrix or Aztec symbol may be reported as ``qr_codes``.
+
+Boxes are merged per category: nested or overlapping QR boxes by non-maximum suppression,
+overlapping barcode boxes into their union. Decoded contents are dropped at once: nothing the
+detector returns, keeps or logs holds them.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import zxingcpp
+
+from engines.detections import Detections
+from engines.faces import ModelInfo
+
+QR_CATEGORY = "qr_codes"
+BARCODE_CATEGORY = "barcodes"
+CATEGORIES: tuple[str, ...] = (QR_CATEGORY, BARCODE_CATEGORY)
+
+_F = zxingcpp.BarcodeFormat
+# QR family -> "qr_codes"; every other symbology (EAN/UPC, Code 128/39/93, ITF, Codabar,
+# DataBar, PDF417, Data Matrix, Aztec, MaxiCode...) -> "barcodes".
+_QR_FORMATS = frozenset({_F.QRCode, _F.QRCodeModel1, _F.QRCodeModel2, _F.MicroQRCode,
+                         _F.RMQRCode})
+# zxing-cpp's undecodable finds worth a box: a QR Code's finder patterns and outline. An
+# unreadable rMQR "symbol" is mostly a QR code's finder pattern joined to nearby clutter.
+_UNDECODED_KEPT = frozenset({_F.QRCode, _F.QRCodeModel1, _F.QRCodeModel2, _F.MicroQRCode})
+_ALL_FORMATS: tuple[zxingcpp.BarcodeFormat, ...] = tuple(
+    zxingcpp.barcode_formats_list(zxingcpp.BarcodeFormats(_F.AllReadable)))
+_LINEAR_FORMATS = frozenset(zxingcpp.barcode_formats_list(zxingcpp.BarcodeFormats(_F.AllLinear)))
+# what zxing-cpp looks for in a rectified candidate of OpenCV's 1-D locator
+_BAR_FORMATS = zxingcpp.BarcodeFormats(
+    sorted(_LINEAR_FORMATS | {_F.PDF417, _F.CompactPDF417, _F.MicroPDF417}))
+_EAN_UPC_FORMATS = frozenset(zxingcpp.barcode_formats_list(zxingcpp.BarcodeFormats(_F.EANUPC)))
+
+DECODED_SCORE = 1.0
+UNDECODED_QR_SCORE = 0.6  # zxing located a QR-family symbol but could not read it
+BARCODE_LOCATOR_SCORE = 0.5  # OpenCV's decode-free 1-D locator, candidate not read
+# A zxing quadrilateral is the code's outline; the box grows by this share of its width and
+# height on each side so that part of the quiet zone and a slightly misplaced corner are
+# covered too (about one module of a 21-module QR code).
+GROW = 0.05
+# zxing reports a 1-D code read on few scan lines as a thin strip; its box is made at least this
+# share of the code's length thick: EAN/UPC symbols have a fixed shape (bars about 0.6-0.7 as
+# high as the code is long, with the digits), other 1-D codes are often flatter.
+EAN_UPC_MIN_THICKNESS = 0.7
+LINEAR_MIN_THICKNESS = 0.4
+UPSCALE_MAX_SIDE = 1024  # the 2x pass runs when the scaled frame's longer side is at most this
+NMS_IOU = 0.3
+NMS_CONTAIN = 0.7  # share of the smaller box inside the other that makes two boxes one
+
+# --- texture locator --------------------------------------------------------------------------
+_RANGE_K = 5  # local max - local min window (pixels of a pyramid level)
+_RANGE_ABS = 20  # a local range below this many grey levels is never texture
+_RANGE_REL = 0.45  # ... nor one below this share of the largest range nearby
+_RANGE_NEAR = 31  # "nearby" window for the relative threshold
+_DENSITY_WIN = 9  # window of the texture-density map
+_DENSITY_MIN = 0.6  # share of textured pixels in that window for the blob mask
+_MIN_BLOB_SIDE = 24  # pixels of a pyramid level; a QR code is at least 21 modules wide
+# A code whose blob is larger than this at some level has modules too coarse for that level's
+# texture window; it is found whole at a coarser level, where such a blob is a code-sized one.
+_MAX_BLOB_SIDE = 320
+_LEVEL_STEP = 1 / math.sqrt(2)
+_MIN_LEVEL_SIDE = 128  # coarsest level: its shorter side stays at least this
+# Stripes (1-D barcodes, fences, striped cloth) have nearly all their gradient in one direction;
+# a QR code's modules have edges both ways: a blob whose gradient structure tensor has a smaller
+# / larger eigenvalue ratio below this is not a QR code (0.5% of the blobs on labelled codes in
+# the annotated photos are below 0.26).
+_MIN_ISOTROPY = 0.2
+_FINDER_CROP = 160  # finder patterns are searched in a crop of the blob scaled to this side
+_FINDER_BLOCKS = (8, 16, 32)  # local-threshold windows: the crop's shorter side over these
+_FINDER_OFFSETS = (3, 8)  # grey levels below the local mean that count as dark
+TEXTURE_THRESHOLD = 0.6  # keep blobs whose QR probability is above this
+
+# --- OpenCV 1-D locator candidates -----------------------------------------------------------
+_BAR_CROP = 480  # a candidate is rectified and enlarged towards this width before zxing reads it
+_BAR_MIN_EDGES = 30  # bar edges across an unread candidate (an EAN-8 has 43, a fence a dozen)
+_BAR_MIN_CORR = 0.6  # correlation of its upper and lower profiles (bars run through)
+
+# Logistic model over blob features (see _blob_features), fitted on the xcerno30 QR photos
+# (positives: blobs with IoU > 0.5 with a labelled code; negatives: blobs outside every code)
+# plus a third of the face-mask and OpenALPR photos as negatives. Figures on xcerno30 are thus
+# in-sample; fitted on half of its photos, the texture pass alone finds 0.91-0.92 of the codes
+# of the other half at the 0.6 threshold (0.925 in-sample).
+_TEXTURE_FEATURES = ("finders", "fill", "log_aspect", "density", "isotropy", "ring",
+                     "log_side", "contrast", "at_edge", "bimodality")
+_TEXTURE_WEIGHTS = np.array([1.53, 5.74, -0.15, 7.82, 3.31, -6.70, 1.89, 1.00, -1.00, -10.86],
+                            np.float64)
+_TEXTURE_BIAS = -12.29
+
+
+def zxing_version() -> str:
+    try:
+        return importlib.metadata.version("zxing-cpp")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - vendored builds
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# geometry helpers
+
+
+def _quad_box(quad: np.ndarray, grow: float, min_thickness: float = 0.0) -> np.ndarray:
+    """Axis-aligned box of a quadrilateral (4, 2), grown by ``grow`` of its size per side.
+
+    ``min_thickness`` > 0 first thickens a thin quadrilateral (a 1-D code read on one scan line)
+    perpendicular to its long axis to that share of its length.
+    """
+    q = np.asarray(quad, np.float64).reshape(-1, 2)
+    if min_thickness > 0:
+        (cx, cy), (w, h), angle = cv2.minAreaRect(q.astype(np.float32))
+        length, thick = max(w, h), min(w, h)
+        if length > 0 and thick < min_thickness * length:
+            if w >= h:
+                h = min_thickness * length
+            else:
+                w = min_thickness * length
+            q = cv2.boxPoints(((cx, cy), (w, h), angle)).astype(np.float64)
+    x1, y1 = q.min(0)
+    x2, y2 = q.max(0)
+    gw, gh = (x2 - x1) * grow, (y2 - y1) * grow
+    return np.array([x1 - gw, y1 - gh, x2 + gw, y2 + gh], np.float64)
+
+
+def _merge(xyxy: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Indices kept by greedy NMS that also treats nested boxes as duplicates.
+
+    Of two boxes where one lies mostly inside the other, only the better scored stays: the
+    texture locator finds one code at several pyramid levels, and the coarser levels' boxes
+    reach past the code into its surroundings.
+    """
+    order = np.argsort(-score, kind="stable")
+    keep: list[int] = []
+    area = np.maximum((xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1]), 1e-6)
+    for i in order:
+        ok = True
+        for j in keep:
+            iw = min(xyxy[i, 2], xyxy[j, 2]) - max(xyxy[i, 0], xyxy[j, 0])
+            ih = min(xyxy[i, 3], xyxy[j, 3]) - max(xyxy[i, 1], xyxy[j, 1])
+            if iw <= 0 or ih <= 0:
+                continue
+            inter = iw * ih
+            if (inter / (area[i] + area[j] - inter) > NMS_IOU
+                    or inter / min(area[i], area[j]) > NMS_CONTAIN):
+                ok = False
+                break
+        if ok:
+            keep.append(int(i))
+    return np.asarray(keep, np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# texture locator
+
+
+@dataclass(frozen=True)
+class Blob:
+    """One texture blob: its quadrilateral in work-image pixels, features and QR probability."""
+
+    quad: np.ndarray  # (4, 2) float32
+    level: float  # pyramid scale it was found at
+    features: np.ndarray  # (len(_TEXTURE_FEATURES),) float64
+    probability: float
+
+
+def _count_finders(gray: np.ndarray) -> int:
+    """Distinct QR finder patterns (a dark square ring around a dark square, or the inverse) in
+    a crop of a blob, under several local thresholds; at most 3."""
+    side = min(gray.shape)
+    gray = cv2.GaussianBlur(gray, (0, 0), 1.0)
+    centres: list[tuple[float, float, float]] = []
+    for polarity in (cv2.THRESH_BINARY_INV, cv2.THRESH_BINARY):
+        for block_div in _FINDER_BLOCKS:
+            block = 2 * max(3, side // block_div) + 1
+            for offset in _FINDER_OFFSETS:
+                bw = cv2.adaptiveThreshold(gray, 255, cv2.ADAPTIVE_THRESH_MEAN_C, polarity, block,
+                                           offset)
+                _add_finders(cv2.copyMakeBorder(bw, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0),
+                             side, centres)
+                if len(centres) >= 3:
+                    return 3
+    return len(centres)
+
+
+def _add_finders(bw: np.ndarray, side: int, centres: list[tuple[float, float, float]]) -> None:
+    contours, hierarchy = cv2.findContours(bw, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
+    if hierarchy is None:
+        return
+    hier = hierarchy[0]
+    for i, outer in enumerate(contours):
+        child = hier[i][2]
+        if child < 0 or hier[child][2] < 0:
+            continue
+        x, y, w, h = cv2.boundingRect(outer)
+        size = (w + h) / 2
+        if not side / 30 <= size <= side / 2.2 or max(w, h) > 3 * min(w, h):
+            continue
+        a_outer = cv2.contourArea(outer)
+        if a_outer < 0.4 * w * h:
+            continue
+        a_hole = cv2.contourArea(contours[child])
+        a_core = 0.0
+        j = hier[child][2]
+        while j >= 0:
+            a_core = max(a_core, cv2.contourArea(contours[j]))
+            j = hier[j][0]
+        # ideal areas 49 : 25 : 9 modules
+        if a_core <= 0 or not a_core < a_hole < a_outer or not 2.5 < a_outer / a_core < 14:
+            continue
+        cx, cy = x + w / 2, y + h / 2
+        if all(math.hypot(cx - ux, cy - uy) > 0.5 * max(size, us) for ux, uy, us in centres):
+            centres.append((cx, cy, size))
+
+
+def _isotropy(gx: np.ndarray, gy: np.ndarray) -> float:
+    """Smaller / larger eigenvalue of the gradient structure tensor: 0 for stripes, 1 when edges
+    run every way (or along two perpendicular directions equally, as a QR code's do)."""
+    sxx, syy, sxy = float((gx * gx).sum()), float((gy * gy).sum()), float((gx * gy).sum())
+    half_tr = (sxx + syy) / 2
+    root = math.sqrt(max(half_tr * half_tr - (sxx * syy - sxy * sxy), 0.0))
+    return (half_tr - root) / (half_tr + root) if half_tr > 0 else 0.0
+
+
+def _fine_isotropy(work_gray: np.ndarray, quad: np.ndarray) -> float:
+    """Isotropy of the inner part of a blob's box at the work image's resolution, where the bars
+    of a 1-D code are resolved (at a coarse level they blur, and the edges of the label they are
+    printed on make the blob look isotropic)."""
+    wh, ww = work_gray.shape
+    x1, y1 = quad.min(0)
+    x2, y2 = quad.max(0)
+    mx, my = 0.1 * (x2 - x1), 0.1 * (y2 - y1)
+    crop = work_gray[max(0, int(y1 + my)):min(wh, int(y2 - my)),
+                     max(0, int(x1 + mx)):min(ww, int(x2 - mx))]
+    if min(crop.shape) < 8:
+        return 1.0
+    f = _FINDER_CROP * 2 / max(crop.shape)
+    if f < 1:
+        crop = cv2.resize(crop, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
+    return _isotropy(cv2.Sobel(crop, cv2.CV_64F, 1, 0), cv2.Sobel(crop, cv2.CV_64F, 0, 1))
+
+
+def _texture_mask(level_gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Strongly textured pixels (0/1) and their share around each pixel (float32 in [0, 1])."""
+    k = np.ones((_RANGE_K, _RANGE_K), np.uint8)
+    rng = cv2.subtract(cv2.dilate(level_gray, k), cv2.erode(level_gray, k))
+    near = cv2.dilate(rng, np.ones((_RANGE_NEAR, _RANGE_NEAR), np.uint8))
+    thr = np.maximum(_RANGE_ABS, _RANGE_REL * near.astype(np.float32))
+    textured = (rng > thr).astype(np.float32)
+    return textured, cv2.blur(textured, (_DENSITY_WIN, _DENSITY_WIN))
+
+
+def _pyramid(shape: tuple[int, ...]) -> list[float]:
+    """Scales of the texture pyramid: 1, then steps of 1/sqrt(2) while the shorter side stays
+    at least ``_MIN_LEVEL_SIDE`` (a small frame gets scale 1 only)."""
+    levels = [1.0]
+    while min(shape[:2]) * levels[-1] * _LEVEL_STEP >= _MIN_LEVEL_SIDE:
+        levels.append(levels[-1] * _LEVEL_STEP)
+    return levels
+
+
+def _finders_around(work_gray: np.ndarray, quad: np.ndarray) -> int:
+    """QR finder patterns in the work image around a blob's quadrilateral (at most 3)."""
+    wh, ww = work_gray.shape
+    qx1, qy1 = np.floor(quad.min(0)).astype(int)
+    qx2, qy2 = np.ceil(quad.max(0)).astype(int)
+    m = max(2, int(0.08 * max(qx2 - qx1, qy2 - qy1)))
+    crop = work_gray[max(0, qy1 - m):min(wh, qy2 + m), max(0, qx1 - m):min(ww, qx2 + m)]
+    if min(crop.shape) < 8:
+        return 0
+    f = _FINDER_CROP / max(crop.shape)
+    crop = cv2.resize(crop, None, fx=f, fy=f,
+                      interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
+    return min(_count_finders(crop), 3)
+
+
+def _blob_features(level_gray: np.ndarray, textured: np.ndarray, density: np.ndarray,
+                   labels: np.ndarray, index: int, stats: np.ndarray,
+                   level: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """Quadrilateral (work-image pixels) and features of one blob; the finder count (feature 0)
+    is left at 0 and filled in by the caller when it can change the verdict."""
+    x, y, w, h, area = (int(v) for v in stats)
+    blob = labels[y:y + h, x:x + w] == index
+    contours, _ = cv2.findContours(blob.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_SIMPLE)
+    rect = cv2.minAreaRect(max(contours, key=cv2.contourArea))
+    rw, rh = rect[1]
+    short = min(rw, rh)
+    if not _MIN_BLOB_SIDE <= short <= _MAX_BLOB_SIDE:
+        return None
+    fill = area / max(rw * rh, 1.0)
+    aspect = max(rw, rh) / max(short, 1.0)
+    patch = level_gray[y:y + h, x:x + w]
+    values = patch[blob].astype(np.float64)
+    # bimodality: Otsu's between-class share of the variance
+    t, _ = cv2.threshold(patch[blob].reshape(-1, 1), 0, 255,
+                         cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    dark = values <= t
+    p = float(dark.mean())
+    var = float(values.var())
+    bimodality = (p * (1 - p) * (values[dark].mean() - values[~dark].mean()) ** 2 / var
+                  if 0 < p < 1 and var > 0 else 0.0)
+    isotropy = _isotropy(cv2.Sobel(patch, cv2.CV_64F, 1, 0)[blob],
+                         cv2.Sobel(patch, cv2.CV_64F, 0, 1)[blob])
+    if isotropy < _MIN_ISOTROPY:
+        return None
+    # ring: texture in a band around the blob's box (a quiet zone keeps it low)
+    lh, lw = level_gray.shape
+    pad = max(3, int(0.15 * min(w, h)))
+    rx1, ry1 = max(0, x - pad), max(0, y - pad)
+    rx2, ry2 = min(lw, x + w + pad), min(lh, y + h + pad)
+    band = np.ones((ry2 - ry1, rx2 - rx1), bool)
+    band[y - ry1:y - ry1 + h, x - rx1:x - rx1 + w] = False
+    ring = float(textured[ry1:ry2, rx1:rx2][band].mean()) if band.any() else 1.0
+    at_edge = int(x <= 1) + int(y <= 1) + int(x + w >= lw - 1) + int(y + h >= lh - 1)
+    quad = ((cv2.boxPoints(rect) + np.array([x, y], np.float32)) / level).astype(np.float32)
+    features = np.array([
+        0.0, fill, math.log(aspect), float(density[y:y + h, x:x + w][blob].mean()),
+        isotropy, ring, math.log(short), float(values.std()) / 50, at_edge, bimodality,
+    ], np.float64)
+    return quad, features
+
+
+def texture_blobs(work_gray: np.ndarray, threshold: float = TEXTURE_THRESHOLD,
+                  all_finders: bool = False) -> list[Blob]:
+    """Every texture blob of a grey image with its features and QR probability.
+
+    Finder patterns are costly to look for, so they are only counted for blobs whose verdict
+    (probability above ``threshold``) they can change, or for every blob with ``all_finders``.
+    """
+    out: list[Blob] = []
+    t = min(max(threshold, 1e-6), 1 - 1e-6)
+    z_accept = math.log(t / (1 - t))
+    z_hopeless = z_accept - 3 * _TEXTURE_WEIGHTS[0]
+    for level in _pyramid(work_gray.shape):
+        if level == 1.0:
+            g = work_gray
+        else:
+            g = cv2.resize(work_gray, None, fx=level, fy=level,
+                           interpolation=cv2.INTER_AREA if level < 1 else cv2.INTER_LINEAR)
+        textured, density = _texture_mask(g)
+        mask: np.ndarray = (density > _DENSITY_MIN).astype(np.uint8)
+        mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
+        mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((7, 7), np.uint8))
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        for i in range(1, n):
+            if min(stats[i, 2], stats[i, 3]) < _MIN_BLOB_SIDE:
+                continue
+            found = _blob_features(g, textured, density, labels, i, stats[i, :5], level)
+            if found is None:
+                continue
+            quad, features = found
+            z = float(features @ _TEXTURE_WEIGHTS + _TEXTURE_BIAS)
+            if all_finders or z_hopeless <= z < z_accept:
+                features[0] = _finders_around(work_gray, quad)
+                z += float(features[0] * _TEXTURE_WEIGHTS[0])
+            if (all_finders or z >= z_accept) and _fine_isotropy(work_gray, quad) < _MIN_ISOTROPY:
+                continue  # the bars of a 1-D code
+            out.append(Blob(quad, level, features, 1.0 / (1.0 + math.exp(-max(-50.0, z)))))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 1-D barcode candidates of OpenCV's locator
+
+
+def _rectify_bars(gray: np.ndarray, quad: np.ndarray, margin: float = 0.1) -> np.ndarray:
+    """The region of a barcode candidate turned so that its longer side is horizontal, with a
+    margin, enlarged (up to 4x) towards ``_BAR_CROP`` pixels wide."""
+    (cx, cy), (w, h), angle = cv2.minAreaRect(quad.astype(np.float32))
+    if h > w:
+        w, h, angle = h, w, angle + 90
+    w2, h2 = w * (1 + 2 * margin), h * (1 + 2 * margin)
+    f = min(4.0, max(1.0, _BAR_CROP / max(w2, 1.0)))
+    m = cv2.getRotationMatrix2D((cx, cy), angle, f)
+    m[0, 2] += w2 * f / 2 - cx
+    m[1, 2] += h2 * f / 2 - cy
+    size = (max(8, round(w2 * f)), max(8, round(h2 * f)))
+    return cv2.warpAffine(gray, m, size, flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _looks_like_bars(crop: np.ndarray) -> bool:
+    """Many bars across the middle of a rectified crop, running through its height (fences,
+    stripes and gratings have few, or only some of them reach across)."""
+    h = crop.shape[0]
+    profile = crop[int(h * 0.3):max(int(h * 0.7), int(h * 0.3) + 1)].mean(0)
+    if profile.max() - profile.min() < 2 * _RANGE_ABS:
+        return False
+    t = (float(profile.max()) + float(profile.min())) / 2
+    edges = int(np.count_nonzero(np.diff((profile > t).astype(np.int8))))
+    top = crop[int(h * 0.2):max(int(h * 0.4), int(h * 0.2) + 1)].mean(0)
+    bottom = crop[int(h * 0.6):max(int(h * 0.8), int(h * 0.6) + 1)].mean(0)
+    if top.std() == 0 or bottom.std() == 0:
+        return False
+    return edges >= _BAR_MIN_EDGES and float(np.corrcoef(top, bottom)[0, 1]) >= _BAR_MIN_CORR
+
+
+# --------------------------------------------------------------------------------------------
+# the detector
+
+
+@dataclass
+class _Found:
+    boxes: list[np.ndarray]
+    scores: list[float]
+    categories: list[str]
+    method: list[str]
+
+    def add(self, box: np.ndarray, score: float, category: str, method: str) -> None:
+        self.boxes.append(box)
+        self.scores.append(score)
+        self.categories.append(category)
+        self.method.append(method)
+
+
+def _position_quad(barcode: zxingcpp.Barcode) -> np.ndarray:
+    p = barcode.position
+    return np.array([[p.top_left.x, p.top_left.y], [p.top_right.x, p.top_right.y],
+                     [p.bottom_right.x, p.bottom_right.y], [p.bottom_left.x, p.bottom_left.y]],
+                    np.float64)
+
+
+def _overlaps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a),) bool: box of ``a`` is a duplicate of some box of ``b`` (IoU or nesting)."""
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros(len(a), bool)
+    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    area_a = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]))[:, None]
+    area_b = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))[None, :]
+    iou = inter / np.maximum(area_a + area_b - inter, 1e-6)
+    nested = inter / np.maximum(np.minimum(area_a, area_b), 1e-6)
+    return ((iou > NMS_IOU) | (nested > NMS_CONTAIN)).any(1)
+
+
+def _union_overlapping(xyxy: np.ndarray) -> np.ndarray:
+    """Each box replaced by the union of the boxes it overlaps, directly or through others."""
+    n = len(xyxy)
+    group = np.arange(n)
+    for i in range(n):
+        for j in range(i + 1, n):
+            if (min(xyxy[i, 2], xyxy[j, 2]) > max(xyxy[i, 0], xyxy[j, 0])
+                    and min(xyxy[i, 3], xyxy[j, 3]) > max(xyxy[i, 1], xyxy[j, 1])):
+                group[group == group[j]] = group[i]
+    out = xyxy.copy()
+    for g in np.unique(group):
+        members = group == g
+        out[members] = np.concatenate([xyxy[members, :2].min(0), xyxy[members, 2:].max(0)])
+    return out
+
+
+METHODS: tuple[str, ...] = ("zxing", "zxing_2x", "texture", "cv_barcode")
+
+
+class CodeDetector:
+    """QR codes and 1-D/2-D barcodes located by zxing-cpp (Apache-2.0, no model file).
+
+    ``categories``: the subset of ``("qr_codes", "barcodes")`` to find. ``max_side``: frames are
+    scaled down to this longer side first. ``upscale_small``: frames whose longer side is at most
+    1024 px after that are also read at 2x. ``threads``: above 1, the passes run concurrently on
+    up to that many threads (zxing-cpp and OpenCV release the GIL); 0 or 1 runs them in turn.
+    ``grow``: share of a decoded code's width/height added on each side of its box.
+    """
+
+    def __init__(self, categories: Sequence[str] = CATEGORIES, max_side: int = 1920,
+                 upscale_small: bool = True, threads: int = 0, grow: float = GROW,
+                 texture_threshold: float = TEXTURE_THRESHOLD,
+                 methods: Sequence[str] = METHODS) -> None:
+        wanted = tuple(dict.fromkeys(categories))
+        if not wanted or any(c not in CATEGORIES for c in wanted):
+            raise ValueError(f"CodeDetector finds {', '.join(CATEGORIES)}; got {list(categories)}")
+        if any(m not in METHODS for m in methods):
+            raise ValueError(f"unknown methods {list(methods)}; known: {', '.join(METHODS)}")
+        if max_side < 64:
+            raise ValueError(f"max_side {max_side} is below 64 pixels")
+        if threads < 0:
+            raise ValueError(f"threads {threads} is negative")
+        if not 0.0 <= grow <= 0.5:
+            raise ValueError(f"grow {grow} is outside [0, 0.5]")
+        if not 0.0 < texture_threshold < 1.0:
+            raise ValueError(f"texture threshold {texture_threshold} is outside (0, 1)")
+        self.categories: tuple[str, ...] = tuple(c for c in CATEGORIES if c in wanted)
+        self.max_side = int(max_side)
+        self.upscale_small = bool(upscale_small)
+        self.threads = int(threads)
+        self.grow = float(grow)
+        self.texture_threshold = float(texture_threshold)
+        self.methods = tuple(methods)
+        want_qr = QR_CATEGORY in self.categories
+        want_bar = BARCODE_CATEGORY in self.categories
+        self._formats = zxingcpp.BarcodeFormats(
+            [f for f in _ALL_FORMATS if (want_qr if f in _QR_FORMATS else want_bar)])
+        self._local = threading.local()  # one cv2.barcode.BarcodeDetector per thread
+
+    @property
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(f"zxing-cpp {zxing_version()}", "", "", "Apache-2.0")]
+
+    # ---------------------------------------------------------------------------------------
+    def detect(self, image: np.ndarray) -> Detections:
+        return self.detect_with_methods(image)[0]
+
+    def detect_with_methods(self, image: np.ndarray) -> tuple[Detections, list[str]]:
+        """:meth:`detect`, plus the pass that produced each box (for evaluation)."""
+        if (not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3
+                or image.shape[2] != 3):
+            raise ValueError("CodeDetector.detect takes a BGR uint8 image of shape (H, W, 3)")
+        h, w = image.shape[:2]
+        if h < 8 or w < 8:
+            return Detections.empty(), []
+        f = min(1.0, self.max_side / max(h, w))
+        work = image if f == 1.0 else cv2.resize(
+            image, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+        gray = cv2.cvtColor(np.ascontiguousarray(work), cv2.COLOR_BGR2GRAY)
+        upscale = self.upscale_small and max(gray.shape) <= UPSCALE_MAX_SIDE
+
+        passes: list[Callable[[], _Found]] = []
+        if "zxing" in self.methods:
+            passes.append(lambda: self._zxing(gray, 1.0))
+        if "zxing_2x" in self.methods and upscale:
+            passes.append(lambda: self._zxing(gray, 2.0))
+        if "texture" in self.methods and QR_CATEGORY in self.categories:
+            passes.append(lambda: self._texture(gray))
+        if "cv_barcode" in self.methods and BARCODE_CATEGORY in self.categories:
+            passes.append(lambda: self._cv_barcode(gray))
+        if self.threads > 1 and len(passes) > 1:
+            with ThreadPoolExecutor(min(self.threads, len(passes))) as pool:
+                found = list(pool.map(lambda run: run(), passes))
+        else:
+            found = [run() for run in passes]
+
+        boxes = [b for fd in found for b in fd.boxes]
+        if not boxes:
+            return Detections.empty(), []
+        xyxy = np.clip(np.stack(boxes) / f, 0, [w, h, w, h])
+        score = np.array([s for fd in found for s in fd.scores], np.float32)
+        category = np.array([c for fd in found for c in fd.categories])
+        method = np.array([m for fd in found for m in fd.method])
+        ok = (xyxy[:, 2] - xyxy[:, 0] >= 1) & (xyxy[:, 3] - xyxy[:, 1] >= 1)
+        # a QR-category box on a code that was decoded as a barcode (Data Matrix, PDF417, a
+        # dense 1-D code the texture locator took for a QR code) is that barcode
+        decoded_bar = ok & (category == BARCODE_CATEGORY) & (score >= DECODED_SCORE)
+        guess_qr = ok & (category == QR_CATEGORY) & (score < DECODED_SCORE)
+        ok[guess_qr] = ~_overlaps(xyxy[guess_qr], xyxy[decoded_bar])
+        keep_all: list[np.ndarray] = []
+        for cat in self.categories:
+            idx = np.flatnonzero(ok & (category == cat))
+            if idx.size and cat == BARCODE_CATEGORY:
+                # zxing's box of a 1-D code follows the lines it read, OpenCV's the bars it
+                # saw: the union of the two covers the code
+                xyxy[idx] = _union_overlapping(xyxy[idx])
+            if idx.size:
+                keep_all.append(idx[_merge(xyxy[idx], score[idx])])
+        keep = np.sort(np.concatenate(keep_all)) if keep_all else np.zeros(0, np.int64)
+        return (Detections(xyxy[keep].astype(np.float32), score[keep],
+                           category[keep].astype("<U16")),
+                method[keep].tolist())
+
+    # ---------------------------------------------------------------------------------------
+    def _read(self, gray: np.ndarray, formats: zxingcpp.BarcodeFormats
+              ) -> list[tuple[zxingcpp.BarcodeFormat, bool, np.ndarray]]:
+        """zxing-cpp's findings as (format, decoded, corners); the contents are never kept."""
+        out = []
+        for code in zxingcpp.read_barcodes(gray, formats=formats, try_rotate=True,
+                                           try_downscale=True, try_invert=True,
+                                           return_errors=True):
+            out.append((code.format, bool(code.valid), _position_quad(code)))
+        return out
+
+    def _zxing(self, gray: np.ndarray, scale: float) -> _Found:
+        out = _Found([], [], [], [])
+        if len(self._formats) == 0:
+            return out
+        img = gray if scale == 1.0 else cv2.resize(gray, None, fx=scale, fy=scale,
+                                                    interpolation=cv2.INTER_CUBIC)
+        method = "zxing" if scale == 1.0 else "zxing_2x"
+        for fmt, decoded, quad in self._read(img, self._formats):
+            is_qr = fmt in _QR_FORMATS
+            if not decoded and fmt not in _UNDECODED_KEPT:
+                # undecodable "1-D codes", "Data Matrix" and "rMQR" symbols are mostly noise;
+                # a real one is left to OpenCV's locator or the texture locator
+                continue
+            thick = (EAN_UPC_MIN_THICKNESS if fmt in _EAN_UPC_FORMATS
+                     else LINEAR_MIN_THICKNESS if fmt in _LINEAR_FORMATS else 0.0)
+            out.add(_quad_box(quad / scale, self.grow, thick),
+                    DECODED_SCORE if decoded else UNDECODED_QR_SCORE,
+                    QR_CATEGORY if is_qr else BARCODE_CATEGORY, method)
+        return out
+
+    def _texture(self, gray: np.ndarray) -> _Found:
+        out = _Found([], [], [], [])
+        for blob in texture_blobs(gray, self.texture_threshold):
+            if blob.probability > self.texture_threshold:
+                # the blob mask already reaches past the code's edge: no growth
+                out.add(_quad_box(blob.quad, 0.0), blob.probability, QR_CATEGORY, "texture")
+        return out
+
+    def _cv_barcode(self, gray: np.ndarray) -> _Found:
+        """OpenCV's gradient locator; each candidate is confirmed by zxing-cpp on a rectified,
+        enlarged crop (any symbol found, read or not) or by the look of its bars."""
+        out = _Found([], [], [], [])
+        detector = getattr(self._local, "barcode", None)
+        if detector is None:
+            detector = self._local.barcode = cv2.barcode.BarcodeDetector()
+        try:
+            ok, points = detector.detectMulti(gray)
+        except cv2.error:
+            return out
+        if not ok or points is None:
+            return out
+        for quad in np.asarray(points, np.float64).reshape(-1, 4, 2):
+            crop = _rectify_bars(gray, quad)
+            found = self._read(crop, _BAR_FORMATS)
+            if found:
+                score = DECODED_SCORE if any(d for _, d, _ in found) else BARCODE_LOCATOR_SCORE
+            elif _looks_like_bars(crop):
+                score = BARCODE_LOCATOR_SCORE
+            else:
+                continue
+            out.add(_quad_box(quad, self.grow), score, BARCODE_CATEGORY, "cv_barcode")
+        return out
