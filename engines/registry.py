@@ -15,7 +15,7 @@ import numpy as np
 
 from engines.detections import Detections
 from engines.errors import ModelNotFoundError, UnknownCategoryError
-from engines.faces import CenterFace, ModelInfo, YuNet
+from engines.faces import CenterFace, ModelInfo, YuNet, YuNetPhoto
 from engines.models import CENTERFACE, TEXT_DET, TEXT_REC, YUNET, ZXING, ModelSpec, PackageSpec
 from engines.redact import Method, Shape
 
@@ -41,6 +41,9 @@ class DetectorConfig:
     max_input_pixels: int = 1280 * 720  # cap on the model input of any one pass
     model_path: str | None = None  # a user-given .onnx file for the face model
     threads: int = 0  # onnxruntime intra-op threads; 0 = its default
+    # faces: YuNetPhoto (enlarged passes at 2/3 of the threshold, boxes fitted to annotated
+    # faces) instead of YuNet; tuned on multi-pass photos
+    photo_fit: bool = False
     text_max_side: int = 1280  # text and plates: the text detector's input long side
     # video frames between calls per engine (faces: the video options' period, adaptive)
     engine_periods: tuple[tuple[str, int], ...] = ()
@@ -48,7 +51,8 @@ class DetectorConfig:
 
 # Photos are redacted once and can afford several passes: upscaling 2x and 3x finds faces down
 # to a few pixels (the faces evaluation set has many under 10 px).
-IMAGE_PROFILE = DetectorConfig(scales=(1.0, 2.0, 3.0), max_input_pixels=3840 * 2160)
+IMAGE_PROFILE = DetectorConfig(scales=(1.0, 2.0, 3.0), max_input_pixels=3840 * 2160,
+                               photo_fit=True)
 # Video frames: one pass at up to 1280x720; the tracker carries boxes between detector calls.
 # The threshold is lower than for photos: the detector sees only some frames, and a face that
 # scores just under the threshold on those would stay uncovered on the frames between.
@@ -299,7 +303,8 @@ class _FaceDetector:
     categories: tuple[str, ...] = ("faces",)
 
     def __init__(self, config: DetectorConfig) -> None:
-        cls = {"yunet": YuNet, "centerface": CenterFace}.get(config.face_model)
+        cls = {"yunet": YuNetPhoto if config.photo_fit else YuNet,
+               "centerface": CenterFace}.get(config.face_model)
         if cls is None:
             raise ValueError(f"unknown face model {config.face_model!r}; use yunet or centerface")
         self._model = cls(threshold=config.threshold, scales=config.scales,

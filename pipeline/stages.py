@@ -105,14 +105,15 @@ class RedactStage:
 
     ``detector`` may be a composite (see :class:`engines.registry.CompositeDetector`): each of
     its parts then runs on its own schedule, every ``part.period`` frames (``period`` when the
-    part sets none). The look-ahead is at least the longest period, so an object that appears
-    between two calls of a slow detector is still covered from its first frame.
+    part sets none). With ``cover_slow_periods`` (files) the look-ahead is at least the longest
+    period, so an object that appears between two calls of a slow detector is still covered
+    from its first frame; live streams keep the look-ahead they are given (it is latency).
 
     A detector error is raised as :class:`DetectorError`; no frame after it is released.
     """
 
     def __init__(self, detector: Detector, style: Style, period: int, lookahead: int,
-                 scene_change: float = 24.0) -> None:
+                 scene_change: float = 24.0, cover_slow_periods: bool = True) -> None:
         self.detector = detector
         self.style = style
         parts = getattr(detector, "parts", None) or [detector]
@@ -122,8 +123,10 @@ class RedactStage:
             p = getattr(part, "period", None) or period
             self.lanes.append(Lane("+".join(part.categories), part, Scheduler(p, scene_change),
                                    Tracker(period=p, lookback=max(lookahead, p), ids=ids)))
-        self.lookahead = max([max(0, lookahead)] + [
-            lane.scheduler.period for lane in self.lanes if lane.scheduler.period > 1])
+        self.lookahead = max(0, lookahead)
+        if cover_slow_periods:  # files: latency is free, so hold as long as the slowest period
+            self.lookahead = max([self.lookahead] + [
+                lane.scheduler.period for lane in self.lanes if lane.scheduler.period > 1])
         self._buffer: deque[Frame] = deque()
         self.frames_in = 0
 
