@@ -4,8 +4,10 @@ PYTHON ?= $(shell command -v python3.12 2>/dev/null || echo python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Debian packages the project needs at run or test time (none yet: PyAV's wheel bundles FFmpeg).
-DEB_PACKAGES :=
+# Debian packages the project needs at run or test time (PyAV's wheel bundles FFmpeg): GStreamer's
+# RTSP server for live outputs, and what PyGObject needs to build in the virtual environment.
+DEB_PACKAGES := gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
+	gstreamer1.0-plugins-bad libgirepository1.0-dev libcairo2-dev pkg-config
 
 .PHONY: setup deps-debian run test lint format clean bench-accuracy bench-leaks bench-throughput
 
@@ -31,11 +33,10 @@ deps-debian:
 	fi
 
 run: setup
-	@$(BIN)/redact --help
-	@echo
-	@$(BIN)/redact categories
-	@echo
-	@echo "Redact a file:   $(BIN)/redact file INPUT -o OUTPUT   (see: $(BIN)/redact file --help)"
+	@echo "REST API on http://127.0.0.1:8000 (docs at /docs; settings from REDACT_* variables)."
+	@echo "Create an API key in another shell: $(BIN)/redact keys create --name me --plan free"
+	@echo "Redact a file without the server:   $(BIN)/redact file INPUT -o OUTPUT"
+	$(BIN)/redact serve
 
 test: setup lint
 	$(BIN)/python -m pytest -q

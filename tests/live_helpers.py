@@ -1,0 +1,94 @@
+"""A camera simulator for live-stream tests: an RTSP server (the project's own, on loopback)
+serving a clip made in code — the astronaut's head moving across a background — with the frame
+number stamped into each picture as a row of black and white blocks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.frame import Frame
+from pipeline.live_encode import LiveEncoder
+from pipeline.rtsp_server import RtspServer
+from tests.conftest import Box, moving_face_clip
+
+STAMP_BITS = 16
+STAMP_CELL = 8  # px per bit, in the top-left corner
+
+
+def stamp(pixels: np.ndarray, number: int) -> None:
+    for b in range(STAMP_BITS):
+        v = 255 if (number >> b) & 1 else 0
+        pixels[:STAMP_CELL, b * STAMP_CELL:(b + 1) * STAMP_CELL] = v
+
+
+def read_stamp(pixels: np.ndarray) -> int:
+    n = 0
+    for b in range(STAMP_BITS):
+        cell = pixels[2:STAMP_CELL - 2, b * STAMP_CELL + 2:(b + 1) * STAMP_CELL - 2]
+        if cell.mean() > 128:
+            n |= 1 << b
+    return n
+
+
+@dataclass
+class Camera:
+    """Serves ``rtsp://127.0.0.1:<port>/cam`` at ``fps``; ``faces[i]`` is the face box of the
+    frame stamped ``i`` (the clip loops)."""
+
+    fps: float = 25.0
+    width: int = 320
+    height: int = 240
+    frames: list[np.ndarray] = field(default_factory=list)
+    faces: list[Box] = field(default_factory=list)
+    server: RtspServer | None = None
+    sent: int = 0
+
+    def __post_init__(self) -> None:
+        clip = moving_face_clip(n=40, width=self.width, height=self.height, step=4.0, y=40)
+        self.frames, self.faces = clip.frames, clip.faces
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, port: int = 0) -> Camera:
+        self.server = RtspServer(port=port)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="camera")
+        self._thread.start()
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"rtsp://127.0.0.1:{self.server.port}/cam"
+
+    def face(self, number: int) -> Box:
+        return self.faces[number % len(self.faces)]
+
+    def _run(self) -> None:
+        assert self.server is not None
+        mount = self.server.add_mount("cam")
+        enc = LiveEncoder(self.width, self.height, self.fps, bitrate=2_000_000)
+        enc.add_sink(mount.push)
+        t0 = time.monotonic()
+        i = 0
+        while not self._stop.is_set():
+            px = self.frames[i % len(self.frames)].copy()
+            stamp(px, i)
+            f = Frame(i, px)
+            f.redacted = True  # the camera's own picture: it is the input, not an output
+            enc.encode(f, time.monotonic() - t0)
+            self.sent = i = i + 1
+            self._stop.wait(max(0.0, t0 + i / self.fps - time.monotonic()))
+        enc.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        if self.server is not None:
+            self.server.close()
+            self.server = None
