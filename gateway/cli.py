@@ -1,31 +1,136 @@
-"""The ``redact`` command."""
+"""The ``redact`` command: ``file``, ``categories``, ``serve`` and ``keys``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
+from typing import Any
 
 from pipeline.cli import add_file_parser, list_categories
+
+PLANS = ("free", "starter", "pro", "scale")
+
+
+def _settings(args: argparse.Namespace, **more: Any) -> Any:
+    """Service settings from the environment, with the options given on the command line."""
+    from gateway.settings import Settings
+
+    given = {k: v for k, v in {"data_dir": getattr(args, "data_dir", None), **more}.items()
+             if v is not None}
+    return Settings(**given)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    settings = _settings(args, host=args.host, port=args.port, workers=args.workers)
+    level = "debug" if args.verbose else settings.log_level
+    logging.getLogger().setLevel(level.upper())
+    sys.stderr.write(f"redact serve: http://{settings.host}:{settings.port} (docs at /docs), "
+                     f"data in {settings.data_dir}\n")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=level, timeout_graceful_shutdown=10)
+    return 0
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from gateway.store import Store
+
+    return Store(_settings(args).db_path)
+
+
+def run_keys_create(args: argparse.Namespace) -> int:
+    rec, key = _store(args).create_key(args.name, args.plan)
+    print(json.dumps({"id": rec.id, "key": key, "webhook_secret": rec.webhook_secret,
+                      "plan": rec.plan, "name": rec.name}))
+    return 0
+
+
+def run_keys_list(args: argparse.Namespace) -> int:
+    for rec in _store(args).list_keys():
+        if rec.revoked_at is not None and not args.all:
+            continue
+        print(json.dumps({"id": rec.id, "name": rec.name, "plan": rec.plan,
+                          "key_prefix": rec.key_prefix, "created_at": rec.created_at,
+                          "revoked": rec.revoked_at is not None}))
+    return 0
+
+
+def run_keys_revoke(args: argparse.Namespace) -> int:
+    if _store(args).revoke_key(args.key_id):
+        print(json.dumps({"id": args.key_id, "revoked": True}))
+        return 0
+    sys.stderr.write(f"redact keys revoke: no live key {args.key_id!r}\n")
+    return 1
+
+
+def _data_dir_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="service data directory (default: $REDACT_DATA_DIR, else "
+                        "~/.local/share/redact)")
+
+
+def add_serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the REST API and its workers",
+                       description="Run the REST API (docs at /docs) and the redaction workers "
+                                   "in one process. Every setting can also be given as an "
+                                   "environment variable REDACT_<NAME>, e.g. REDACT_DATA_DIR.")
+    p.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: 8000)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="jobs redacted at the same time (default: 2)")
+    _data_dir_option(p)
+    p.set_defaults(func=run_serve)
+
+
+def add_keys_parser(sub: Any) -> None:
+    p = sub.add_parser("keys", help="create, list and revoke API keys",
+                       description="API keys of the REST API (stored hashed in the data dir).")
+    ks = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    c = ks.add_parser("create", help="create a key; prints JSON with the key (shown once)")
+    c.add_argument("--name", required=True, help="who or what uses the key")
+    c.add_argument("--plan", default="free", choices=PLANS, help="plan (default: free)")
+    _data_dir_option(c)
+    c.set_defaults(func=run_keys_create)
+    ls = ks.add_parser("list", help="list keys as JSON lines (never the keys themselves)")
+    ls.add_argument("--all", action="store_true", help="include revoked keys")
+    _data_dir_option(ls)
+    ls.set_defaults(func=run_keys_list)
+    r = ks.add_parser("revoke", help="revoke a key by its id")
+    r.add_argument("key_id", help="the key's id (key_...)")
+    _data_dir_option(r)
+    r.set_defaults(func=run_keys_revoke)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="redact",
-        description="Self-hosted redaction of faces in photos, videos and (soon) live streams.")
+        description="Self-hosted redaction of faces, plates, text and codes in photos and "
+                    "videos, from the command line or a REST API.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_file_parser(sub)
     cats = sub.add_parser("categories", help="list the categories, their models and licences")
     cats.set_defaults(func=list_categories)
+    add_serve_parser(sub)
+    add_keys_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = logging.WARNING
+    if args.verbose:
+        level = logging.DEBUG
+    elif getattr(args, "command", None) == "serve":
+        level = logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

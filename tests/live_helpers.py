@@ -46,6 +46,7 @@ class Camera:
     faces: list[Box] = field(default_factory=list)
     server: RtspServer | None = None
     sent: int = 0
+    sent_at: dict[int, float] = field(default_factory=dict)  # frame number -> monotonic time
 
     def __post_init__(self) -> None:
         clip = moving_face_clip(n=40, width=self.width, height=self.height, step=4.0, y=40)
@@ -80,6 +81,7 @@ class Camera:
             stamp(px, i)
             f = Frame(i, px)
             f.redacted = True  # the camera's own picture: it is the input, not an output
+            self.sent_at[i] = time.monotonic()
             enc.encode(f, time.monotonic() - t0)
             self.sent = i = i + 1
             self._stop.wait(max(0.0, t0 + i / self.fps - time.monotonic()))

@@ -1,0 +1,47 @@
+"""The FastAPI application: ``create_app(settings)`` builds it; its lifespan starts the store,
+the workers, webhook deliveries and the sweeper, and loads the models."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from gateway.api import account, health, media
+from gateway.auth import RateLimitHeaders
+from gateway.errors import install_handlers
+from gateway.service import Service
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Self-hosted redaction of faces, licence plates, text and codes in photos and
+videos. Submit with `POST /v1/media` (multipart), follow with `GET /v1/media/{id}` or a signed
+webhook, fetch the result from `download_url`. Every /v1 route takes
+`Authorization: Bearer KEY` (`redact keys create`)."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app for ``settings`` (default: from the environment, ``REDACT_*``)."""
+    settings = settings or Settings()
+    service = Service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.start()
+        try:
+            yield
+        finally:
+            service.stop()
+
+    app = FastAPI(title="Redaction gateway", version="1", description=DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.service = service
+    install_handlers(app)
+    app.add_middleware(RateLimitHeaders)
+    app.include_router(media.router)
+    app.include_router(account.router)
+    app.include_router(health.router)
+    return app

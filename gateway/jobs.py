@@ -1,0 +1,428 @@
+"""Media jobs: where their files live, how their status reads, and the workers that run them.
+
+The store is the queue: a worker claims the oldest queued job in a transaction, so a job
+accepted (202) is never only in memory; one left ``processing`` by a dead process is queued
+again at start-up (:meth:`Store.requeue_unfinished`). Outputs and manifests are written to a
+temporary name, flushed to disk and renamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import datetime as dt
+import json
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from engines.redact import Method, Style
+from engines.registry import IMAGE_PROFILE, VIDEO_PROFILE, CategorySettings
+from gateway.errors import classify
+from gateway.metrics import Metrics
+from gateway.settings import Settings
+from gateway.store import Job, Store
+from pipeline.files import Redactor, RedactSettings, manifest
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
+                 ".mp4": "video/mp4", ".m4v": "video/x-m4v", ".mov": "video/quicktime",
+                 ".mkv": "video/x-matroska", ".webm": "video/webm", ".avi": "video/x-msvideo",
+                 ".ts": "video/mp2t"}
+PROGRESS_EVERY_S = 0.5  # progress is written to the store at most this often per job
+REDACTOR_CACHE = 8  # redactors (loaded models) kept for different category/method choices
+# working memory of one job, estimated from its pixels (measured on a 21-megapixel photo:
+# ~630 MiB; a video holds its look-ahead and queues of frames plus the detector's tensors)
+IMAGE_BYTES_PER_PIXEL = 32
+VIDEO_BYTES_PER_FRAME_PIXEL = 3 * 64
+JOB_BASE_BYTES = 32 * 1024 * 1024
+
+
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+_M_MMAP_THRESHOLD = -3
+
+
+def limit_heap_growth() -> None:
+    """Make glibc serve buffers of 1 MiB and more with mmap, so a job's frames and tensors go
+    back to the system when it ends instead of staying in per-thread heaps (glibc otherwise
+    raises this threshold up to 32 MiB as large buffers are freed)."""
+    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, 1024 * 1024)
+
+
+def release_free_memory() -> None:
+    """Return freed heap memory to the system (glibc only; a no-op elsewhere)."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+def estimated_bytes(job: Job) -> int:
+    """Working memory ``job`` is expected to need while it is redacted."""
+    pixels = job.width * job.height
+    per = IMAGE_BYTES_PER_PIXEL if job.kind == "image" else VIDEO_BYTES_PER_FRAME_PIXEL
+    return JOB_BASE_BYTES + pixels * per
+
+
+class MemoryBudget:
+    """Admits jobs while their estimated memory fits in ``limit`` bytes; one job always runs,
+    however large, so nothing waits forever."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.running = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, need: int) -> Iterator[None]:
+        with self._cond:
+            while self.running and self.used + need > self.limit:
+                self._cond.wait()
+            self.used += need
+            self.running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= need
+                self.running -= 1
+                self._cond.notify_all()
+
+
+def iso(ts: float | None) -> str | None:
+    """RFC 3339 UTC time of a unix time, to the millisecond."""
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def fsync_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a temporary file, flushed, then renamed."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class Layout:
+    """Files under the data directory: ``tmp/`` (uploads being received) and
+    ``jobs/<id>/`` with ``input<ext>``, ``output<ext>`` and ``manifest.json``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = data_dir
+        self.tmp = data_dir / "tmp"
+        self.jobs = data_dir / "jobs"
+
+    def create(self) -> None:
+        for d in (self.root, self.tmp, self.jobs):
+            d.mkdir(parents=True, exist_ok=True)
+        for stale in self.tmp.iterdir():  # uploads cut off by a restart were never accepted
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs / job_id
+
+    def input(self, job: Job) -> Path:
+        return self.job_dir(job.id) / f"input{job.ext}"
+
+    def output(self, job: Job) -> Path:
+        return self.job_dir(job.id) / f"output{job.ext}"
+
+    def manifest(self, job: Job) -> Path:
+        return self.job_dir(job.id) / "manifest.json"
+
+    def remove_files(self, job_id: str) -> None:
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+
+
+def status_json(job: Job, public_url: str | None = None) -> dict[str, Any]:
+    """What ``GET /v1/media/{id}`` answers (and what webhooks carry)."""
+    base = (public_url or job.base_url).rstrip("/")
+    result = job.result or {}
+    done = job.status == "completed" and not job.expired
+    out: dict[str, Any] = {
+        "id": job.id, "object": "media", "status": job.status, "kind": job.kind,
+        "filename": job.filename, "categories": job.categories,
+        "method": job.options.get("method"), "methods": job.options.get("methods") or {},
+        "progress": round(job.progress, 4),
+        "detections": result.get("counts") if job.status == "completed" else None,
+        "distinct_objects": result.get("distinct_objects"),
+        "download_url": f"{base}/v1/media/{job.id}/download" if done else None,
+        "manifest_url": f"{base}/v1/media/{job.id}/manifest" if done else None,
+        "error": ({"code": job.error_code, "message": job.error_message}
+                  if job.status == "failed" else None),
+        "expired": job.expired,
+        "created_at": iso(job.created_at), "started_at": iso(job.started_at),
+        "completed_at": iso(job.completed_at), "expires_at": iso(job.expires_at),
+    }
+    for k in ("width", "height", "frames", "duration_s", "fps"):
+        out[k] = result.get(k)
+    return out
+
+
+def redact_settings(categories: list[str], options: dict[str, Any],
+                    detector_threads: int = 0) -> RedactSettings:
+    """The pipeline settings of a job's choices (raises ValueError/UnknownCategoryError)."""
+    per = {cat: CategorySettings(method=Method.parse(m))
+           for cat, m in (options.get("methods") or {}).items()}
+    return RedactSettings(
+        categories=tuple(categories),
+        style=Style(method=Method.parse(options.get("method") or "blur")),
+        per_category=per,
+        image_detector=replace(IMAGE_PROFILE, threads=detector_threads),
+        video_detector=replace(VIDEO_PROFILE, threads=detector_threads))
+
+
+class RedactorCache:
+    """Redactors (with their loaded models) by category and method choice, least recently
+    used dropped first."""
+
+    def __init__(self, detector_threads: int, size: int = REDACTOR_CACHE) -> None:
+        self.detector_threads = detector_threads
+        self.size = size
+        self._items: OrderedDict[str, Redactor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, categories: list[str], options: dict[str, Any]) -> Redactor:
+        key = json.dumps([categories, options], sort_keys=True)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        redactor = Redactor(redact_settings(categories, options, self.detector_threads))
+        with self._lock:
+            self._items[key] = redactor
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return redactor
+
+
+def webhook_event(public_url: str | None) -> Callable[[Job], tuple[str, str, bytes]]:
+    """The webhook of a finished job: a new event id, the event name and the status JSON."""
+
+    def make(job: Job) -> tuple[str, str, bytes]:
+        body = json.dumps(status_json(job, public_url), separators=(",", ":")).encode()
+        return "evt_" + secrets.token_hex(12), f"media.{job.status}", body
+
+    return make
+
+
+class WorkerPool:
+    """``settings.workers`` threads taking jobs from the store, one at a time each."""
+
+    def __init__(self, store: Store, layout: Layout, settings: Settings, metrics: Metrics,
+                 redactors: RedactorCache, on_webhook: Callable[[], None]) -> None:
+        self.store = store
+        self.layout = layout
+        self.settings = settings
+        self.metrics = metrics
+        self.redactors = redactors
+        self.on_webhook = on_webhook
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self.budget = MemoryBudget(settings.work_memory_mb * 1024 * 1024)
+        self._threads = [threading.Thread(target=self._run, name=f"worker-{i}", daemon=True)
+                         for i in range(settings.workers)]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop taking jobs; a job being redacted is left ``processing`` if it does not end
+        in time (the next start-up queues it again)."""
+        self._stop.set()
+        self.notify(all_=True)
+        deadline = time.monotonic() + timeout_s
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def alive(self) -> bool:
+        return all(t.is_alive() for t in self._threads)
+
+    def notify(self, all_: bool = False) -> None:
+        """A job was queued."""
+        with self._cond:
+            if all_:
+                self._cond.notify_all()
+            else:
+                self._cond.notify()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self.store.claim_next(time.time())
+            except Exception:
+                log.exception("cannot claim a job")
+                job = None
+            if job is None:
+                with self._cond:
+                    self._cond.wait(0.5)
+                continue
+            try:
+                with self.budget.hold(estimated_bytes(job)):
+                    self.process(job)
+                    release_free_memory()
+            except Exception:  # never let a worker die: the job is recorded as failed
+                log.exception("job %s: unexpected error", job.id)
+                self._fail(job, "internal_error", "internal error while redacting")
+
+    def process(self, job: Job) -> None:
+        """Redact one claimed job and record its outcome."""
+        src, dst = self.layout.input(job), self.layout.output(job)
+        if job.attempts > self.settings.max_job_attempts:
+            self._fail(job, "interrupted", f"processing was interrupted {job.attempts - 1} "
+                       "times (the service stopped while redacting this file)")
+            return
+        if not src.exists():
+            self._fail(job, "input_missing", "the uploaded file is no longer on the server")
+            return
+        partial = dst.with_name(f"output.partial{job.ext}")
+        last = [0.0]
+
+        def progress(done: int, total: int | None) -> None:
+            now = time.monotonic()
+            if total and now - last[0] >= PROGRESS_EVERY_S:
+                last[0] = now
+                self.store.set_progress(job.id, min(0.99, done / total))
+
+        log.info("job %s: redacting %s (%s, %d bytes)", job.id, job.kind, job.ext,
+                 job.size_bytes)
+        t0 = time.perf_counter()
+        try:
+            redactor = self.redactors.get(job.categories, job.options)
+            entry = redactor.redact(src, partial, progress)
+            fsync_file(partial)
+            os.replace(partial, dst)
+            fsync_dir(dst.parent)
+        except Exception as exc:
+            with contextlib.suppress(OSError):
+                partial.unlink()
+            status, code = classify(exc)
+            if status >= 500:
+                log.error("job %s failed: %s", job.id, exc, exc_info=code == "internal_error")
+            else:
+                log.info("job %s failed: %s", job.id, exc)
+            message = str(exc) if code != "internal_error" else "internal error while redacting"
+            self._fail(job, code, message)
+            self.metrics.processing_seconds.labels(job.kind).observe(time.perf_counter() - t0)
+            return
+        wall = time.perf_counter() - t0
+        entry["input"], entry["output"] = job.filename, job.filename
+        doc = manifest(redactor.settings, [entry])
+        doc["job_id"] = job.id
+        fsync_write(self.layout.manifest(job), json.dumps(doc).encode())
+        result: dict[str, Any] = {"counts": entry.get("counts", {}), "seconds": round(wall, 3)}
+        for k in ("distinct_objects", "width", "height", "frames", "duration_s", "fps"):
+            if k in entry:
+                result[k] = entry[k]
+        now = time.time()
+        done = self.store.finish_job(
+            job.id, status="completed", now=now,
+            expires_at=now + self.settings.retention_hours * 3600, result=result,
+            webhook=webhook_event(self.settings.public_url))
+        self.metrics.jobs_finished.labels(job.kind, "completed").inc()
+        self.metrics.processing_seconds.labels(job.kind).observe(wall)
+        if job.kind == "video" and entry.get("frames"):
+            self.metrics.video_frames.inc(entry["frames"])
+            self.metrics.video_seconds.inc(wall)
+            self.metrics.frames_per_second.observe(entry["frames"] / max(wall, 1e-6))
+        log.info("job %s: completed in %.2f s, counts %s", job.id, wall, result["counts"])
+        self._after_finish(job, done)
+
+    def _fail(self, job: Job, code: str, message: str) -> None:
+        now = time.time()
+        done = self.store.finish_job(
+            job.id, status="failed", now=now,
+            expires_at=now + self.settings.retention_hours * 3600, error_code=code,
+            error_message=message[:1000], refund=True,
+            webhook=webhook_event(self.settings.public_url))
+        self.metrics.jobs_finished.labels(job.kind, "failed").inc()
+        with contextlib.suppress(OSError):
+            self.layout.output(job).unlink()
+        self._after_finish(job, done)
+
+    def _after_finish(self, job: Job, done: Job | None) -> None:
+        if done is None or done.deleted:  # deleted while it ran: nothing of it stays
+            self.layout.remove_files(job.id)
+            return
+        if not self.settings.keep_input:
+            with contextlib.suppress(OSError):
+                self.layout.input(job).unlink()
+        if done.webhook_url:
+            self.on_webhook()
+
+
+class Sweeper:
+    """Deletes the files of jobs past their retention window (downloads then answer 410)."""
+
+    def __init__(self, store: Store, layout: Layout, interval_s: float) -> None:
+        self.store = store
+        self.layout = layout
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def sweep(self, now: float | None = None) -> int:
+        """Expire what is due now; returns how many jobs were expired."""
+        ids = self.store.due_for_expiry(time.time() if now is None else now)
+        for job_id in ids:
+            self.layout.remove_files(job_id)
+            self.store.mark_expired(job_id)
+        if ids:
+            log.info("expired %d job(s)", len(ids))
+        return len(ids)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("sweep failed")
+            self._stop.wait(self.interval_s)

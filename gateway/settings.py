@@ -1,0 +1,105 @@
+"""Service settings: embedded defaults, each overridable by an environment variable ``REDACT_*``.
+
+``REDACT_DATA_DIR=/var/lib/redact``, ``REDACT_WORKERS=4``, ``REDACT_RETENTION_HOURS=1``,
+``REDACT_WEBHOOK_ALLOW_PRIVATE=1``, and plans as JSON, merged over the defaults:
+``REDACT_PLANS='{"free": {"requests_per_minute": 30}}'``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MB = 1024 * 1024
+
+
+class Plan(BaseModel):
+    """Limits of one plan; ``None`` means unlimited."""
+
+    requests_per_minute: int = Field(ge=1)
+    monthly_images: int | None = Field(default=None, ge=0)
+    monthly_video_seconds: float | None = Field(default=None, ge=0)
+    max_upload_bytes: int = Field(ge=1)
+
+
+DEFAULT_PLANS: dict[str, dict[str, Any]] = {
+    "free": {"requests_per_minute": 60, "monthly_images": 100, "monthly_video_seconds": 300,
+             "max_upload_bytes": 25 * MB},
+    "starter": {"requests_per_minute": 120, "monthly_images": 2_000,
+                "monthly_video_seconds": 3_600, "max_upload_bytes": 100 * MB},
+    "pro": {"requests_per_minute": 300, "monthly_images": 20_000,
+            "monthly_video_seconds": 36_000, "max_upload_bytes": 500 * MB},
+    "scale": {"requests_per_minute": 1_000, "monthly_images": None,
+              "monthly_video_seconds": None, "max_upload_bytes": 2_048 * MB},
+}
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "redact"
+
+
+class Settings(BaseSettings):
+    """Everything ``redact serve`` needs; see the README's "REST API" section."""
+
+    model_config = SettingsConfigDict(env_prefix="REDACT_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    # absolute base of download links (e.g. https://redact.example.com); default: the request's
+    public_url: str | None = None
+
+    workers: int = Field(default=2, ge=1, le=64)  # jobs redacted at the same time
+    queue_size: int = Field(default=200, ge=1)  # jobs waiting; more answer 503 + Retry-After
+    # memory the jobs being redacted may use together, estimated from their pixels; a job
+    # larger than this runs alone (a 20-megapixel photo needs about 600 MiB)
+    work_memory_mb: int = Field(default=640, ge=1)
+    detector_threads: int = Field(default=0, ge=0)  # onnxruntime threads per detector; 0 = all
+    max_job_attempts: int = Field(default=3, ge=1)  # a job that kills the process this often fails
+    retention_hours: float = Field(default=24.0, gt=0)  # outputs kept this long after finishing
+    keep_input: bool = False  # keep the unredacted upload until expiry (default: deleted at end)
+    sweep_interval_s: float = Field(default=60.0, gt=0)
+
+    max_image_pixels: int = Field(default=64_000_000, ge=1)  # declared width x height
+    max_video_pixels: int = Field(default=4096 * 2304, ge=1)  # per frame
+    max_form_fields: int = Field(default=64, ge=1)
+    max_field_bytes: int = Field(default=8192, ge=1)
+    validate_concurrency: int = Field(default=2, ge=1)  # uploads decoded for checks at once
+
+    webhook_allow_private: bool = False  # allow private, loopback and link-local targets
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_max_attempts: int = Field(default=8, ge=1)
+    webhook_backoff_s: float = Field(default=5.0, gt=0)  # first retry delay; doubles each time
+    webhook_backoff_max_s: float = Field(default=3600.0, gt=0)
+
+    plans: dict[str, Plan] = Field(default_factory=lambda: {
+        k: Plan(**v) for k, v in DEFAULT_PLANS.items()})
+    log_level: str = "info"
+
+    @field_validator("plans", mode="before")
+    @classmethod
+    def _merge_plans(cls, value: Any) -> Any:
+        """Plans given (env JSON or keyword) override the defaults field by field."""
+        if not isinstance(value, dict):
+            return value
+        merged: dict[str, Any] = {k: dict(v) for k, v in DEFAULT_PLANS.items()}
+        for name, given in value.items():
+            base = merged.get(name, {})
+            if isinstance(given, Plan):
+                given = given.model_dump()
+            if not isinstance(given, dict):
+                raise ValueError(f"plan {name!r} must be an object")
+            merged[name] = {**base, **given}
+        return merged
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "redact.db"
+
+    def plan(self, name: str) -> Plan:
+        """The limits of ``name``; an unknown plan name (removed from config) gets free's."""
+        return self.plans.get(name) or self.plans["free"]

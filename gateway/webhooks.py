@@ -1,0 +1,188 @@
+"""Signed webhook deliveries, persisted and retried with exponential backoff.
+
+Each event is stored (body and id fixed) before it is sent, so retries send the same bytes with
+the same ``X-Redact-Event-Id`` and a restart carries on where the last process stopped. The
+signature header is ``t=<unix seconds>,v1=<hex HMAC-SHA256(webhook_secret, "<t>.<body>")>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+import httpx
+
+from gateway.store import Delivery, Store
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "redact-webhooks/1"
+
+
+class WebhookUrlError(ValueError):
+    """A webhook URL that is malformed or points somewhere it may not."""
+
+
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    """The ``X-Redact-Signature`` value for ``body`` sent at ``timestamp``."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={mac.hexdigest()}"
+
+
+def verify(secret: str, body: bytes, header: str, tolerance_s: float = 300.0,
+           now: float | None = None) -> bool:
+    """Whether ``header`` is a valid signature of ``body`` made within ``tolerance_s``."""
+    try:
+        parts = dict(p.split("=", 1) for p in header.split(","))
+        t = int(parts["t"])
+    except (ValueError, KeyError):
+        return False
+    now = time.time() if now is None else now
+    if abs(now - t) > tolerance_s:
+        return False
+    expected = sign(secret, body, t).split("v1=", 1)[1]
+    return hmac.compare_digest(expected, parts.get("v1", ""))
+
+
+def _scrub(url: str) -> str:
+    """``url`` without credentials, path or query: safe to log."""
+    s = urlsplit(url)
+    return f"{s.scheme}://{s.hostname}{':' + str(s.port) if s.port else ''}/..."
+
+
+def check_url(url: str, allow_private: bool) -> None:
+    """Refuse URLs that are not http(s), or whose host resolves to a private, loopback,
+    link-local, multicast or reserved address (unless ``allow_private``)."""
+    if len(url) > 2048:
+        raise WebhookUrlError("webhook_url is longer than 2048 characters")
+    try:
+        s = urlsplit(url)
+        port = s.port or (443 if s.scheme == "https" else 80)
+    except ValueError as exc:
+        raise WebhookUrlError(f"webhook_url is not a valid URL: {exc}") from None
+    if s.scheme not in ("http", "https") or not s.hostname:
+        raise WebhookUrlError("webhook_url must be an http:// or https:// URL with a host")
+    try:
+        infos = socket.getaddrinfo(s.hostname, port, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        raise WebhookUrlError(f"webhook_url host {s.hostname!r} does not resolve") from None
+    if allow_private:
+        return
+    for info in infos:
+        addr = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        if (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_multicast
+                or addr.is_reserved or addr.is_unspecified):
+            raise WebhookUrlError(
+                f"webhook_url host {s.hostname!r} resolves to a private, loopback or link-local "
+                "address; the operator can allow these with REDACT_WEBHOOK_ALLOW_PRIVATE=1")
+
+
+class Deliverer:
+    """A thread that sends due deliveries, records each attempt and schedules retries.
+
+    ``secret_of(key_id)`` gives the signing secret; ``on_attempt(outcome)`` is told
+    ``delivered``, ``retry`` or ``failed`` (metrics).
+    """
+
+    def __init__(self, store: Store, secret_of: Callable[[str], str | None], *,
+                 timeout_s: float, max_attempts: int, backoff_s: float, backoff_max_s: float,
+                 allow_private: bool,
+                 on_attempt: Callable[[str], None] | None = None) -> None:
+        self.store = store
+        self.secret_of = secret_of
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self.allow_private = allow_private
+        self.on_attempt = on_attempt or (lambda outcome: None)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="webhooks", daemon=True)
+        self._client = httpx.Client(timeout=timeout_s, follow_redirects=False,
+                                    headers={"User-Agent": USER_AGENT})
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout_s)
+        self._client.close()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def wake(self) -> None:
+        """A new delivery is waiting."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for d in self.store.due_deliveries(time.time()):
+                    if self._stop.is_set():
+                        return
+                    self._attempt(d)
+                nxt = self.store.next_delivery_time()
+            except Exception:
+                log.exception("webhook loop error")
+                nxt = None
+            wait = 1.0 if nxt is None else min(1.0, max(0.0, nxt - time.time()))
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def backoff(self, attempts_made: int) -> float:
+        """Delay before the next try after ``attempts_made`` failed ones (1, 2, 4 ... x base)."""
+        return float(min(self.backoff_max_s, self.backoff_s * 2 ** (attempts_made - 1)))
+
+    def _attempt(self, d: Delivery) -> None:
+        now = time.time()
+        code: int | None = None
+        error: str | None = None
+        permanent = False
+        secret = self.secret_of(d.key_id)
+        try:
+            if secret is None:
+                raise WebhookUrlError("the key that asked for this webhook was revoked")
+            check_url(d.url, self.allow_private)  # again: DNS may have changed since
+            ts = int(now)
+            r = self._client.post(d.url, content=d.body, headers={
+                "Content-Type": "application/json", "X-Redact-Event-Id": d.id,
+                "X-Redact-Event": d.event, "X-Redact-Signature": sign(secret, d.body, ts)})
+            code = r.status_code
+            if 200 <= code < 300:
+                self.store.record_attempt(d.id, status="delivered", status_code=code,
+                                          error=None, next_attempt_at=now, now=time.time())
+                log.info("webhook %s for job %s delivered (%d)", d.id, d.job_id, code)
+                self.on_attempt("delivered")
+                return
+            error = f"HTTP {code}"
+        except WebhookUrlError as exc:
+            error, permanent = str(exc), True
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"[:500]
+        made = d.attempts + 1
+        if permanent or made >= self.max_attempts:
+            self.store.record_attempt(d.id, status="failed", status_code=code, error=error,
+                                      next_attempt_at=now, now=time.time())
+            log.warning("webhook %s for job %s to %s given up after %d attempt(s): %s",
+                        d.id, d.job_id, _scrub(d.url), made, error)
+            self.on_attempt("failed")
+            return
+        delay = self.backoff(made)
+        self.store.record_attempt(d.id, status="pending", status_code=code, error=error,
+                                  next_attempt_at=time.time() + delay, now=time.time())
+        log.info("webhook %s for job %s failed (%s); retry %d in %.1f s", d.id, d.job_id,
+                 error, made + 1, delay)
+        self.on_attempt("retry")
