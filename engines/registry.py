@@ -7,6 +7,8 @@ other name is an :class:`UnknownCategoryError` that lists the available ones.
 from __future__ import annotations
 
 import importlib.util
+import os
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
@@ -338,6 +340,32 @@ class _TextAndPlates:
         return [*self.text.models, self.plates.recognizer.info]
 
 
+_SHARED: dict[tuple[Any, ...], Any] = {}
+_SHARED_LOCK = threading.Lock()
+_SHARED_MAX = 24
+
+
+def _shared(cls: Any, *args: Any, **kwargs: Any) -> Any:
+    """One detector object per class and settings in the process, shared by every composite
+    (and thread: the engines are thread-safe), so models load once, not once per job.
+    The model-path environment variables are part of the key."""
+    env = tuple(os.environ.get(s.env_var) for s in (YUNET, CENTERFACE, TEXT_DET, TEXT_REC))
+    key = (cls, args, tuple(sorted(kwargs.items(), key=lambda kv: kv[0])), env)
+    try:
+        hash(key)
+    except TypeError:
+        return cls(*args, **kwargs)
+    with _SHARED_LOCK:
+        found = _SHARED.get(key)
+    if found is not None:
+        return found
+    made = cls(*args, **kwargs)
+    with _SHARED_LOCK:
+        if len(_SHARED) >= _SHARED_MAX:
+            _SHARED.pop(next(iter(_SHARED)))
+        return _SHARED.setdefault(key, made)
+
+
 def category(name: str) -> Category:
     """The table entry of ``name``; a name only a user-supplied model serves gets one made up."""
     for c in CATEGORIES:
@@ -386,7 +414,7 @@ def build_detector(categories: Sequence[str], config: DetectorConfig,
         if opt(fc, "scale") is not None:
             face_cfg = replace(face_cfg, scales=tuple(s * opt(fc, "scale")
                                                       for s in face_cfg.scales))
-        parts.append(_Part(_FaceDetector(face_cfg), period("faces", fc), min_scores))
+        parts.append(_Part(_shared(_FaceDetector, face_cfg), period("faces", fc), min_scores))
     text_cats = cats_of("text")
     plate_cats = cats_of("plates")
     text_det = plate_det = None
@@ -394,13 +422,13 @@ def build_detector(categories: Sequence[str], config: DetectorConfig,
         from engines.text import TextDetector
 
         scale = opt(text_cats + plate_cats, "scale") or 1.0
-        text_det = TextDetector(max_side=max(64, round(config.text_max_side * scale)),
-                                threads=config.threads,
-                                box_threshold=min(_or(opt(text_cats, "threshold"), 0.5), 0.99))
+        text_det = _shared(TextDetector, max_side=max(64, round(config.text_max_side * scale)),
+                           threads=config.threads,
+                           box_threshold=min(_or(opt(text_cats, "threshold"), 0.5), 0.99))
     if plate_cats:
         from engines.plates import PlateDetector
 
-        plate_det = PlateDetector(threads=config.threads, text_detector=text_det,
+        plate_det = _shared(PlateDetector, threads=config.threads, text_detector=text_det,
                                   threshold=_or(opt(plate_cats, "threshold"), 0.35))
     if plate_det is not None and text_det is not None and text_cats:
         both = text_cats + plate_cats
@@ -415,8 +443,8 @@ def build_detector(categories: Sequence[str], config: DetectorConfig,
         from engines.codes import CodeDetector
 
         scale = opt(code_cats, "scale") or 1.0
-        parts.append(_Part(CodeDetector(code_cats, max_side=max(64, round(1920 * scale)),
-                                        threads=config.threads),
+        parts.append(_Part(_shared(CodeDetector, tuple(code_cats),
+                                   max_side=max(64, round(1920 * scale)), threads=config.threads),
                            period("codes", code_cats), min_scores))
     for m in custom_models:
         served = [c for c in categories if c in m.classes.values()]
