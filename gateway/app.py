@@ -6,14 +6,17 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
 from gateway.api import account, health, media
+from gateway.api import streams as streams_api
 from gateway.auth import RateLimitHeaders
 from gateway.errors import install_handlers
 from gateway.service import Service
 from gateway.settings import Settings
+from gateway.streams import StreamManager, StreamSettings
 
 log = logging.getLogger(__name__)
 
@@ -23,25 +26,32 @@ webhook, fetch the result from `download_url`. Every /v1 route takes
 `Authorization: Bearer KEY` (`redact keys create`)."""
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The app for ``settings`` (default: from the environment, ``REDACT_*``)."""
+def create_app(settings: Settings | None = None, streams_config: Path | None = None,
+               stream_settings: StreamSettings | None = None) -> FastAPI:
+    """The app for ``settings`` (default: from the environment, ``REDACT_*``);
+    ``streams_config``: a TOML file of ``[[stream]]`` cameras started with the service."""
     settings = settings or Settings()
     service = Service(settings)
+    streams = StreamManager(settings.data_dir, settings.host, stream_settings, streams_config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.start()
+        streams.start()
         try:
             yield
         finally:
+            streams.stop()
             service.stop()
 
     app = FastAPI(title="Redaction gateway", version="1", description=DESCRIPTION,
                   lifespan=lifespan)
     app.state.service = service
+    app.state.streams = streams
     install_handlers(app)
     app.add_middleware(RateLimitHeaders)
     app.include_router(media.router)
     app.include_router(account.router)
     app.include_router(health.router)
+    app.include_router(streams_api.router)
     return app

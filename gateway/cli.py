@@ -33,8 +33,15 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(level.upper())
     sys.stderr.write(f"redact serve: http://{settings.host}:{settings.port} (docs at /docs), "
                      f"data in {settings.data_dir}\n")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=level, timeout_graceful_shutdown=10)
+    from gateway.streams import StreamSettings
+
+    stream_settings = StreamSettings(**({"rtsp_port": args.rtsp_port}
+                                        if args.rtsp_port is not None else {}))
+    rtsp_host = stream_settings.rtsp_host or settings.host
+    sys.stderr.write(f"redact serve: live streams on rtsp://{rtsp_host}:"
+                     f"{stream_settings.rtsp_port}/<name>\n")
+    uvicorn.run(create_app(settings, args.config, stream_settings), host=settings.host,
+                port=settings.port, log_level=level, timeout_graceful_shutdown=10)
     return 0
 
 
@@ -84,6 +91,12 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--port", type=int, default=None, help="port (default: 8000)")
     p.add_argument("--workers", type=int, default=None,
                    help="jobs redacted at the same time (default: 2)")
+    p.add_argument("--rtsp-port", type=int, default=None,
+                   help="port of the RTSP server for live streams (default: 8554, or "
+                        "$REDACT_RTSP_PORT)")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="TOML file of cameras started with the service: [[stream]] tables "
+                        "with name, source, categories, method, zones, outputs")
     _data_dir_option(p)
     p.set_defaults(func=run_serve)
 

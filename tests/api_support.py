@@ -43,9 +43,9 @@ def free_port() -> int:
 class ThreadServer:
     """``create_app(settings)`` served by uvicorn in a thread of the test process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, streams_config: Path | None = None) -> None:
         self.settings = settings
-        self.app: FastAPI = create_app(settings)
+        self.app: FastAPI = create_app(settings, streams_config)
         self.port = free_port()
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
                                 lifespan="on")

@@ -1,0 +1,160 @@
+"""Live streams: ``/v1/streams`` (create, list, read, change, delete), viewer tokens, WHEP
+signalling for WebRTC viewers, and the viewer page."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from engines.errors import UnknownCategoryError
+from gateway.auth import ServiceDep, current_key
+from gateway.errors import ApiError
+from gateway.store import ApiKey
+from gateway.streams import Running, StreamError, StreamManager
+from gateway.viewer import viewer_page
+from pipeline.webrtc import WebRtcError
+
+router = APIRouter(tags=["streams"])
+
+
+def get_streams(request: Request) -> StreamManager:
+    manager: StreamManager = request.app.state.streams
+    return manager
+
+
+StreamsDep = Annotated[StreamManager, Depends(get_streams)]
+KeyDep = Annotated[ApiKey, Depends(current_key)]
+
+
+def _base(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+def _bad(exc: Exception) -> ApiError:
+    if isinstance(exc, UnknownCategoryError):
+        return ApiError(400, "unknown_category", str(exc))
+    return ApiError(400, "invalid_stream", str(exc))
+
+
+def _stream(streams: StreamManager, stream_id: str, owner: str | None) -> Running:
+    r = streams.get(stream_id, owner)
+    if r is None:
+        raise ApiError(404, "not_found", f"no stream {stream_id!r}")
+    return r
+
+
+def _viewer(request: Request, service: ServiceDep, streams: StreamManager, stream_id: str,
+            token: str | None) -> Running:
+    """A viewer is let in with a valid viewer token for this stream, or an API key."""
+    if token and streams.check_token(stream_id, token):
+        return _stream(streams, stream_id, None)
+    if token and not request.headers.get("authorization"):
+        raise ApiError(401, "unauthorized", "the viewer token is invalid or has expired")
+    key = current_key(request, service)
+    return _stream(streams, stream_id, key.id)
+
+
+@router.post("/v1/streams", status_code=201, summary="Create a live stream")
+def create_stream(request: Request, key: KeyDep, streams: StreamsDep,
+                  body: Annotated[dict[str, Any], Body(examples=[{
+                      "name": "gate-1", "source": "rtsp://user:pass@10.0.0.5/stream1",
+                      "categories": ["faces", "license_plates"], "method": "blur",
+                      "zones": [[[0, 0.8], [0.3, 0.8], [0.3, 1], [0, 1]]],
+                      "outputs": ["rtsp", "webrtc"]}])]) -> dict[str, Any]:
+    try:
+        r = streams.create(body, key.id)
+    except (StreamError, ValueError) as exc:
+        raise _bad(exc) from None
+    return streams.describe(r, _base(request))
+
+
+@router.get("/v1/streams", summary="List your live streams")
+def list_streams(request: Request, key: KeyDep, streams: StreamsDep) -> dict[str, Any]:
+    return {"data": [streams.describe(r, _base(request)) for r in streams.list(key.id)]}
+
+
+@router.get("/v1/streams/{stream_id}", summary="A live stream's status and statistics")
+def get_stream(stream_id: str, request: Request, key: KeyDep,
+               streams: StreamsDep) -> dict[str, Any]:
+    return streams.describe(_stream(streams, stream_id, key.id), _base(request))
+
+
+@router.patch("/v1/streams/{stream_id}", summary="Change categories, method or zones")
+def patch_stream(stream_id: str, request: Request, key: KeyDep, streams: StreamsDep,
+                 body: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+    r = _stream(streams, stream_id, key.id)
+    try:
+        streams.update(r, body)
+    except (StreamError, ValueError) as exc:
+        raise _bad(exc) from None
+    return streams.describe(r, _base(request))
+
+
+@router.delete("/v1/streams/{stream_id}", status_code=204, response_class=Response,
+               summary="Stop and delete a live stream")
+async def delete_stream(stream_id: str, request: Request, streams: StreamsDep,
+                        service: ServiceDep) -> Response:
+    key = current_key(request, service)
+    await streams.delete(_stream(streams, stream_id, key.id))
+    return Response(status_code=204)
+
+
+@router.post("/v1/streams/{stream_id}/viewer-token", summary="A short-lived viewer link")
+def viewer_token(stream_id: str, request: Request, key: KeyDep, streams: StreamsDep,
+                 ttl_s: Annotated[int | None, Query(ge=60, le=86400)] = None) -> dict[str, Any]:
+    r = _stream(streams, stream_id, key.id)
+    token, expires = streams.viewer_token(r.spec.id, ttl_s)
+    base = _base(request)
+    return {"token": token, "expires_at": expires,
+            "viewer_url": f"{base}/viewer/{r.spec.id}?token={token}",
+            "whep_url": f"{base}/v1/streams/{r.spec.id}/whep?token={token}"}
+
+
+@router.post("/v1/streams/{stream_id}/whep", status_code=201, response_class=Response,
+             summary="WHEP: send an SDP offer, get the answer",
+             openapi_extra={"requestBody": {"content": {"application/sdp": {}}}})
+async def whep_offer(stream_id: str, request: Request, service: ServiceDep,
+                     streams: StreamsDep, token: str | None = None) -> Response:
+    r = _viewer(request, service, streams, stream_id, token)
+    if "webrtc" not in r.spec.outputs:
+        raise ApiError(404, "not_found", "this stream has no WebRTC output")
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/sdp":
+        raise ApiError(415, "unsupported_media_type", "send the offer as application/sdp")
+    body = await request.body()
+    if len(body) > 64 * 1024:
+        raise ApiError(413, "too_large", "an SDP offer is at most 64 KiB")
+    try:
+        sid, answer = await r.hub.answer(body.decode("utf-8", errors="replace"))
+    except WebRtcError as exc:
+        raise ApiError(400, "bad_offer", str(exc)) from None
+    location = f"/v1/streams/{stream_id}/whep/{sid}"
+    return Response(answer, status_code=201, media_type="application/sdp",
+                    headers={"Location": location, "ETag": f'"{sid}"'})
+
+
+@router.delete("/v1/streams/{stream_id}/whep/{session_id}", status_code=204,
+               response_class=Response, summary="WHEP: hang up")
+async def whep_hangup(stream_id: str, session_id: str, request: Request, service: ServiceDep,
+                      streams: StreamsDep, token: str | None = None) -> Response:
+    r = _viewer(request, service, streams, stream_id, token)
+    if not await r.hub.hangup(session_id):
+        raise ApiError(404, "not_found", "no such viewer session")
+    return Response(status_code=204)
+
+
+@router.get("/viewer/{stream_id}", response_class=HTMLResponse, include_in_schema=False)
+def viewer(stream_id: str, request: Request, service: ServiceDep, streams: StreamsDep,
+           token: str | None = None) -> HTMLResponse:
+    r = _viewer(request, service, streams, stream_id, token)
+    return HTMLResponse(viewer_page(r.spec.name, f"/v1/streams/{stream_id}/whep",
+                                    f"/viewer/{stream_id}/stats", token or ""))
+
+
+@router.get("/viewer/{stream_id}/stats", include_in_schema=False)
+def viewer_stats(stream_id: str, request: Request, service: ServiceDep, streams: StreamsDep,
+                 token: str | None = None) -> JSONResponse:
+    r = _viewer(request, service, streams, stream_id, token)
+    d = streams.describe(r, _base(request), with_token=False)
+    return JSONResponse({"name": d["name"], "status": d["status"], "stats": d["stats"]})

@@ -1,0 +1,328 @@
+"""Live streams inside the service: each camera's :class:`pipeline.live.LiveStream`, published on
+the service's RTSP server and to WebRTC viewers, with definitions kept on disk so they come back
+after a restart, and cameras declared in a config file (``redact serve --config FILE``).
+
+A stream's definition: ``name`` (also its RTSP path), ``source`` (an ``rtsp://`` URL, which may
+carry credentials; they never appear in answers, logs or metrics), ``categories``, ``method``,
+``zones`` (polygons always covered) and ``outputs`` (``rtsp``, ``webrtc``).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+import tomllib
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from engines.redact import Method, Style
+from engines.registry import VIDEO_PROFILE, build_detector, resolve_categories
+from pipeline.live import LiveOptions, LiveStream, scrub_url
+from pipeline.webrtc import IceServer, WebRtcHub
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+OUTPUTS = ("rtsp", "webrtc")
+
+
+class StreamSettings(BaseSettings):
+    """Live-stream settings, from ``REDACT_*`` like the rest (``REDACT_RTSP_PORT=8554``)."""
+
+    model_config = SettingsConfigDict(env_prefix="REDACT_", extra="ignore")
+
+    rtsp_port: int = Field(default=8554, ge=0, le=65535)  # 0: any free port
+    rtsp_host: str | None = None  # address the RTSP server listens on (default: --host)
+    public_rtsp_host: str | None = None  # host name put in rtsp_url (default: the listen host)
+    ice_servers: list[dict[str, Any]] = Field(default_factory=list)  # [{"urls": [...]}, ...]
+    viewer_token_ttl_s: int = Field(default=3600, ge=60)
+    stream_delay_frames: int = Field(default=2, ge=0, le=30)
+
+
+class StreamError(ValueError):
+    """A stream definition that cannot be used; the message says why."""
+
+
+@dataclass
+class StreamDef:
+    name: str
+    source: str
+    categories: list[str]
+    method: str = "blur"
+    zones: list[list[list[float]]] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=lambda: list(OUTPUTS))
+    owner: str | None = None  # API key id; None for streams from the config file
+    id: str = field(default_factory=lambda: "str_" + uuid.uuid4().hex[:16])
+    created_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], owner: str | None) -> StreamDef:
+        """Validated definition from user input (API body or config table)."""
+        unknown = set(data) - {"name", "source", "categories", "method", "zones", "outputs"}
+        if unknown:
+            raise StreamError(f"unknown field(s): {', '.join(sorted(unknown))}")
+        name = str(data.get("name") or "").strip().lower()
+        if not NAME.match(name):
+            raise StreamError("name: 1-63 lowercase letters, digits, '-' or '_', starting with a "
+                              "letter or digit (it becomes the RTSP path)")
+        source = str(data.get("source") or "").strip()
+        if source != "push" and not source.startswith(("rtsp://", "rtsps://")):
+            raise StreamError("source: an rtsp:// URL of the camera")
+        if source == "push":
+            raise StreamError("source 'push' (cameras publishing to the gateway) is not "
+                              "available yet; give the camera's rtsp:// URL")
+        cats = data.get("categories")
+        categories = list(resolve_categories(cats if isinstance(cats, list) else None))
+        method = Method.parse(str(data.get("method") or "blur")).value
+        zones = parse_zones(data.get("zones") or [])
+        outputs = data.get("outputs") or list(OUTPUTS)
+        if isinstance(outputs, dict):
+            outputs = [k for k, v in outputs.items() if v]
+        bad = [o for o in outputs if o not in OUTPUTS]
+        if bad:
+            raise StreamError(f"outputs: unknown {', '.join(map(str, bad))}; available: "
+                              f"{', '.join(OUTPUTS)} (recording is not available yet)")
+        return cls(name, source, categories, method, zones, list(outputs), owner)
+
+
+def parse_zones(zones: Any) -> list[list[list[float]]]:
+    if not isinstance(zones, list):
+        raise StreamError("zones: a list of polygons, each a list of [x, y] points")
+    out = []
+    for i, poly in enumerate(zones):
+        try:
+            pts = [[float(x), float(y)] for x, y in poly]
+        except (TypeError, ValueError):
+            raise StreamError(f"zones[{i}]: a list of [x, y] points") from None
+        if len(pts) < 3 or len(pts) > 64 or any(v < 0 for p in pts for v in p):
+            raise StreamError(f"zones[{i}]: 3 to 64 points, coordinates >= 0 (pixels, or "
+                              "fractions of the frame when all are <= 1)")
+        out.append(pts)
+    return out
+
+
+@dataclass
+class Running:
+    spec: StreamDef
+    live: LiveStream
+    hub: WebRtcHub
+    mount: Any = None
+
+
+class StreamManager:
+    """The service's streams. Start/stop with the service; the RTSP server starts with the
+    first stream that wants it."""
+
+    def __init__(self, data_dir: Path, host: str, settings: StreamSettings | None = None,
+                 config_file: Path | None = None) -> None:
+        self.settings = settings or StreamSettings()
+        self.data_dir = data_dir
+        self.host = host
+        self.config_file = config_file
+        self._streams: dict[str, Running] = {}
+        self._lock = threading.Lock()
+        self._rtsp: Any = None
+        self._secret = self._load_secret()
+
+    # persistence ----------------------------------------------------------------------------
+    @property
+    def _file(self) -> Path:
+        return self.data_dir / "streams.json"
+
+    def _load_secret(self) -> bytes:
+        path = self.data_dir / "viewer-token.key"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(secrets.token_bytes(32))
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        return path.read_bytes()
+
+    def _save(self) -> None:
+        defs = [asdict(r.spec) for r in self._streams.values() if r.spec.owner is not None]
+        tmp = self._file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(defs))
+        os.chmod(tmp, 0o600)  # the sources may hold camera credentials
+        os.replace(tmp, self._file)
+
+    def start(self) -> None:
+        specs: list[StreamDef] = []
+        if self.config_file is not None:
+            specs += load_stream_config(self.config_file)
+        if self._file.exists():
+            for d in json.loads(self._file.read_text()):
+                try:
+                    specs.append(StreamDef(**d))
+                except TypeError as exc:
+                    log.warning("skipping a saved stream: %s", exc)
+        for spec in specs:
+            try:
+                self._launch(spec)
+            except (StreamError, ValueError, OSError) as exc:
+                log.error("stream %s not started: %s", spec.name, exc)
+
+    def stop(self) -> None:
+        with self._lock:
+            running = list(self._streams.values())
+            self._streams.clear()
+        for r in running:
+            r.live.stop(timeout=3)
+        if self._rtsp is not None:
+            self._rtsp.close()
+            self._rtsp = None
+
+    # streams --------------------------------------------------------------------------------
+    def rtsp_server(self) -> Any:
+        if self._rtsp is None:
+            from pipeline.rtsp_server import RtspServer
+
+            self._rtsp = RtspServer(self.settings.rtsp_host or self.host, self.settings.rtsp_port)
+        return self._rtsp
+
+    def create(self, data: dict[str, Any], owner: str) -> Running:
+        spec = StreamDef.parse(data, owner)
+        r = self._launch(spec)
+        with self._lock:
+            self._save()
+        return r
+
+    def _launch(self, spec: StreamDef) -> Running:
+        with self._lock:
+            if any(r.spec.name == spec.name for r in self._streams.values()):
+                raise StreamError(f"a stream named {spec.name!r} exists")
+        cats = tuple(spec.categories)
+        live = LiveStream(spec.name, spec.source,
+                          lambda: build_detector(cats, VIDEO_PROFILE),
+                          Style(method=Method.parse(spec.method)),
+                          LiveOptions(delay_frames=self.settings.stream_delay_frames),
+                          zones=[[(x, y) for x, y in z] for z in spec.zones])
+        hub = WebRtcHub(live.request_keyframe,
+                        [IceServer(s.get("urls", []), s.get("username"), s.get("credential"))
+                         for s in self.settings.ice_servers])
+        r = Running(spec, live, hub)
+        if "rtsp" in spec.outputs:
+            r.mount = self.rtsp_server().add_mount(spec.name)
+            r.mount.on_viewer = live.request_keyframe
+            live.add_sink(r.mount.push)
+        if "webrtc" in spec.outputs:
+            live.add_sink(hub.push)
+        live.start()
+        with self._lock:
+            self._streams[spec.id] = r
+        log.info("stream %s started from %s", spec.name, scrub_url(spec.source))
+        return r
+
+    def get(self, stream_id: str, owner: str | None) -> Running | None:
+        r = self._streams.get(stream_id)
+        if r is None or (r.spec.owner is not None and owner is not None
+                         and r.spec.owner != owner):
+            return None
+        return r
+
+    def list(self, owner: str | None) -> list[Running]:
+        return [r for r in self._streams.values()
+                if r.spec.owner is None or owner is None or r.spec.owner == owner]
+
+    def update(self, r: Running, data: dict[str, Any]) -> None:
+        unknown = set(data) - {"categories", "method", "zones"}
+        if unknown:
+            raise StreamError(f"only categories, method and zones can change; not "
+                              f"{', '.join(sorted(unknown))}")
+        spec = r.spec
+        if "categories" in data:
+            cats = data["categories"]
+            spec.categories = list(resolve_categories(cats if isinstance(cats, list) else None))
+            frozen = tuple(spec.categories)
+            r.live.update(detector_factory=lambda: build_detector(frozen, VIDEO_PROFILE))
+        if "method" in data:
+            spec.method = Method.parse(str(data["method"])).value
+            r.live.update(style=Style(method=Method.parse(spec.method)))
+        if "zones" in data:
+            spec.zones = parse_zones(data["zones"])
+            r.live.update(zones=[[(x, y) for x, y in z] for z in spec.zones])
+        with self._lock:
+            self._save()
+
+    async def delete(self, r: Running) -> None:
+        with self._lock:
+            self._streams.pop(r.spec.id, None)
+            self._save()
+        await r.hub.close()
+        if r.mount is not None:
+            self.rtsp_server().remove_mount(r.spec.name)
+        r.live.stop(timeout=3)
+
+    # urls and viewer tokens -------------------------------------------------------------------
+    def rtsp_url(self, r: Running) -> str | None:
+        if r.mount is None:
+            return None
+        host = self.settings.public_rtsp_host or self.settings.rtsp_host or self.host
+        return f"rtsp://{host}:{self.rtsp_server().port}/{r.spec.name}"
+
+    def viewer_token(self, stream_id: str, ttl_s: int | None = None) -> tuple[str, float]:
+        expires = time.time() + (ttl_s or self.settings.viewer_token_ttl_s)
+        body = f"{stream_id}.{int(expires)}"
+        mac = hmac.new(self._secret, body.encode(), hashlib.sha256).digest()[:18]
+        return f"{body}.{base64.urlsafe_b64encode(mac).decode()}", expires
+
+    def check_token(self, stream_id: str, token: str) -> bool:
+        try:
+            sid, exp, mac = token.rsplit(".", 2)
+            expected = hmac.new(self._secret, f"{sid}.{exp}".encode(),
+                                hashlib.sha256).digest()[:18]
+            return (sid == stream_id and int(exp) >= time.time()
+                    and hmac.compare_digest(base64.urlsafe_b64decode(mac), expected))
+        except (ValueError, TypeError):
+            return False
+
+    def describe(self, r: Running, base_url: str, with_token: bool = True) -> dict[str, Any]:
+        stats = r.live.stats.as_dict()
+        viewers = r.hub.viewers + (r.mount.clients if r.mount is not None else 0)
+        out: dict[str, Any] = {
+            "id": r.spec.id, "name": r.spec.name, "status": stats.pop("status"),
+            "source": scrub_url(r.spec.source), "categories": r.spec.categories,
+            "method": r.spec.method, "zones": r.spec.zones, "outputs": r.spec.outputs,
+            "rtsp_url": self.rtsp_url(r),
+            "whep_url": f"{base_url}/v1/streams/{r.spec.id}/whep"
+            if "webrtc" in r.spec.outputs else None,
+            "viewer_url": None,
+            "created_at": r.spec.created_at,
+            "stats": {**stats, "viewers": viewers},
+        }
+        if with_token and "webrtc" in r.spec.outputs:
+            token, _ = self.viewer_token(r.spec.id)
+            out["viewer_url"] = f"{base_url}/viewer/{r.spec.id}?token={token}"
+        return out
+
+
+def load_stream_config(path: Path) -> list[StreamDef]:
+    """``[[stream]]`` tables of a TOML file, each a stream definition."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise StreamError(f"{path}: {exc}") from None
+    tables: Sequence[Any] = data.get("stream", [])
+    out = []
+    for i, t in enumerate(tables):
+        try:
+            spec = StreamDef.parse(dict(t), owner=None)
+        except (StreamError, ValueError) as exc:
+            raise StreamError(f"{path}: [[stream]] #{i + 1}: {exc}") from None
+        spec.id = "str_" + hashlib.sha256(f"config:{spec.name}".encode()).hexdigest()[:16]
+        out.append(spec)
+    return out

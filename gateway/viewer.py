@@ -1,0 +1,100 @@
+"""The viewer page: plain HTML and JavaScript that plays a stream over WebRTC (WHEP) and shows
+its statistics. No build step, no external script."""
+
+from __future__ import annotations
+
+import html
+import json
+
+_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>__TITLE__ - redaction gateway</title>
+<style>
+ body { margin: 0; background: #111; color: #ddd; font: 14px system-ui, sans-serif; }
+ header { padding: 8px 12px; display: flex; gap: 16px; align-items: baseline; }
+ h1 { font-size: 16px; margin: 0; }
+ video { display: block; width: 100%; max-height: calc(100vh - 80px); background: #000; }
+ #stats { padding: 6px 12px; color: #aaa; }
+ .bad { color: #f77; }
+</style>
+</head>
+<body>
+<header><h1>__TITLE__</h1><span id="state">connecting...</span></header>
+<video id="video" autoplay muted playsinline></video>
+<div id="stats"></div>
+<script>
+const CONFIG = __CONFIG__;
+const video = document.getElementById("video");
+const state = document.getElementById("state");
+const stats = document.getElementById("stats");
+let pc = null, session = null, retry = 1000;
+
+function q(url) { return url + "?token=" + encodeURIComponent(CONFIG.token); }
+
+async function connect() {
+  pc = new RTCPeerConnection();
+  pc.addTransceiver("video", { direction: "recvonly" });
+  pc.ontrack = (e) => { video.srcObject = e.streams[0] || new MediaStream([e.track]); };
+  pc.onconnectionstatechange = () => {
+    state.textContent = pc.connectionState;
+    if (pc.connectionState === "failed" || pc.connectionState === "disconnected") reconnect();
+  };
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise((done) => {
+    if (pc.iceGatheringState === "complete") return done();
+    const t = setTimeout(done, 2000);
+    pc.onicegatheringstatechange = () => {
+      if (pc.iceGatheringState === "complete") { clearTimeout(t); done(); }
+    };
+  });
+  const r = await fetch(q(CONFIG.whep), { method: "POST",
+    headers: { "Content-Type": "application/sdp" }, body: pc.localDescription.sdp });
+  if (r.status !== 201) throw new Error("WHEP answered " + r.status);
+  session = r.headers.get("Location");
+  await pc.setRemoteDescription({ type: "answer", sdp: await r.text() });
+  retry = 1000;
+}
+
+function reconnect() {
+  if (pc) { pc.close(); pc = null; }
+  state.textContent = "reconnecting...";
+  setTimeout(() => connect().catch(fail), retry);
+  retry = Math.min(retry * 2, 10000);
+}
+
+function fail(e) { state.textContent = String(e); state.className = "bad"; reconnect(); }
+
+async function poll() {
+  try {
+    const r = await fetch(q(CONFIG.stats));
+    if (r.ok) {
+      const d = await r.json(), s = d.stats;
+      stats.textContent = `${d.status} - in ${s.input_fps} fps, out ${s.output_fps} fps, ` +
+        `latency p50 ${s.latency_ms_p50} ms / p95 ${s.latency_ms_p95} ms, ` +
+        `${s.frames_redacted} frames redacted, ` +
+        `${s.detector_calls_per_frame} detector calls/frame, ` +
+        `${s.reconnects} reconnects, ${s.viewers} viewers`;
+    }
+  } catch (e) { /* the page keeps playing */ }
+  setTimeout(poll, 2000);
+}
+
+window.addEventListener("beforeunload", () => {
+  if (session) fetch(q(session), { method: "DELETE", keepalive: true });
+});
+connect().catch(fail);
+poll();
+</script>
+</body>
+</html>
+"""
+
+
+def viewer_page(name: str, whep_path: str, stats_path: str, token: str) -> str:
+    config = json.dumps({"whep": whep_path, "stats": stats_path, "token": token})
+    # the JSON goes inside a <script>: keep "</" out of it
+    config = config.replace("</", "<\\/")
+    return _PAGE.replace("__TITLE__", html.escape(name)).replace("__CONFIG__", config)

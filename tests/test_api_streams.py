@@ -1,0 +1,170 @@
+"""Live streams through the REST API, on loopback: a simulated RTSP camera, a real server,
+a real HTTP client and a real RTSP player."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.settings import Settings
+from tests.api_support import ApiKeyInfo, ThreadServer
+from tests.conftest import fill_fraction, region
+from tests.live_helpers import Camera, read_stamp
+from tests.test_live import Player, camera_frames
+
+pytest.importorskip("gi", reason="GStreamer's Python bindings (make setup installs them)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadServer]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REDACT_RTSP_PORT", "0")  # any free port
+        data = tmp_path_factory.mktemp("streams")
+        srv = ThreadServer(Settings(data_dir=data, workers=1)).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def camera() -> Iterator[Camera]:
+    cam = Camera().start()
+    yield cam
+    cam.stop()
+
+
+@pytest.fixture
+def key(server: ThreadServer) -> ApiKeyInfo:
+    return server.key()
+
+
+@pytest.fixture
+def client(server: ThreadServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+def _wait_live(client: httpx.Client, key: ApiKeyInfo, sid: str) -> dict[str, object]:
+    end = time.monotonic() + 20
+    body: dict[str, object] = {}
+    while time.monotonic() < end:
+        body = client.get(f"/v1/streams/{sid}", headers=key.headers).json()
+        if body["status"] == "live":
+            return body
+        time.sleep(0.2)
+    raise AssertionError(body)
+
+
+def test_stream_lifecycle(client: httpx.Client, key: ApiKeyInfo, camera: Camera,
+                          server: ThreadServer) -> None:
+    source = camera.url.replace("rtsp://", "rtsp://admin:hunter2@")
+    r = client.post("/v1/streams", headers=key.headers, json={
+        "name": "gate-1", "source": source, "categories": ["heads"], "method": "fill"})
+    assert r.status_code == 201, r.text
+    s = r.json()
+    assert s["name"] == "gate-1" and s["status"] in ("connecting", "live")
+    assert s["rtsp_url"].startswith("rtsp://127.0.0.1:") and s["rtsp_url"].endswith("/gate-1")
+    assert s["whep_url"].endswith(f"/v1/streams/{s['id']}/whep")
+    assert "token=" in s["viewer_url"] and s["categories"] == ["faces"]
+    assert "hunter2" not in r.text and "admin" not in r.text
+
+    live = _wait_live(client, key, s["id"])
+    assert "hunter2" not in str(live)
+    # filled black: the face region is black on every frame the player shows
+    player = Player(s["rtsp_url"])
+    player.wait_frames(30)
+    player.stop()
+    shown = camera_frames(player.frames)
+    assert len(shown) >= 20
+    for px in shown:
+        assert fill_fraction(region(px, camera.face(read_stamp(px))), (0, 0, 0), tol=40) > 0.9
+    stats = client.get(f"/v1/streams/{s['id']}", headers=key.headers).json()["stats"]
+    assert stats["frames_redacted"] > 0 and stats["output_fps"] > 0
+    assert set(stats) >= {"input_fps", "output_fps", "latency_ms_p50", "latency_ms_p95",
+                          "frames_redacted", "detector_calls_per_frame", "reconnects", "viewers"}
+
+    r = client.patch(f"/v1/streams/{s['id']}", headers=key.headers,
+                     json={"zones": [[[0, 0.75], [1, 0.75], [1, 1], [0, 1]]]})
+    assert r.status_code == 200 and r.json()["zones"]
+    assert [x["name"] for x in client.get("/v1/streams", headers=key.headers).json()["data"]] \
+        == ["gate-1"]
+
+    other = server.key(name="other")
+    assert client.get(f"/v1/streams/{s['id']}", headers=other.headers).status_code == 404
+    assert client.get("/v1/streams", headers=other.headers).json()["data"] == []
+
+    # the viewer page and WHEP with a viewer token; the token only opens this stream
+    token = client.post(f"/v1/streams/{s['id']}/viewer-token", headers=key.headers).json()
+    page = client.get(token["viewer_url"].replace(server.url, ""))
+    assert page.status_code == 200 and "RTCPeerConnection" in page.text
+    assert f"/v1/streams/{s['id']}/whep" in page.text
+    assert client.get(f"/viewer/{s['id']}?token=bad.1.x").status_code == 401
+    assert client.get(f"/viewer/{s['id']}").status_code == 401
+    whep = f"/v1/streams/{s['id']}/whep?token={token['token']}"
+    assert client.post(whep, content="v=0", headers={"content-type": "text/plain"}) \
+        .status_code == 415
+    bad = client.post(whep, content="v=0\r\n", headers={"content-type": "application/sdp"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_offer"
+    assert client.post(f"/v1/streams/{s['id']}/whep", content="v=0",
+                       headers={"content-type": "application/sdp"}).status_code == 401
+
+    assert client.delete(f"/v1/streams/{s['id']}", headers=key.headers).status_code == 204
+    assert client.get(f"/v1/streams/{s['id']}", headers=key.headers).status_code == 404
+
+
+@pytest.mark.parametrize(("body", "code", "message"), [
+    ({"name": "Bad Name!", "source": "rtsp://h/x"}, "invalid_stream", "name"),
+    ({"name": "a", "source": "http://h/x"}, "invalid_stream", "rtsp://"),
+    ({"name": "a", "source": "push"}, "invalid_stream", "not available yet"),
+    ({"name": "a", "source": "rtsp://h/x", "outputs": ["record"]}, "invalid_stream",
+     "recording"),
+    ({"name": "a", "source": "rtsp://h/x", "categories": ["tattoos"]}, "unknown_category",
+     "available: faces"),
+    ({"name": "a", "source": "rtsp://h/x", "method": "smudge"}, "invalid_stream", "method"),
+    ({"name": "a", "source": "rtsp://h/x", "zones": [[[0, 0], [1, 1]]]}, "invalid_stream",
+     "zones[0]"),
+    ({"name": "a", "source": "rtsp://h/x", "colour": "red"}, "invalid_stream", "unknown"),
+])
+def test_bad_stream_definitions_are_400(client: httpx.Client, key: ApiKeyInfo,
+                                        body: dict[str, object], code: str,
+                                        message: str) -> None:
+    r = client.post("/v1/streams", headers=key.headers, json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == code and message in r.json()["error"]["message"]
+
+
+def test_streams_need_a_key(client: httpx.Client) -> None:
+    assert client.get("/v1/streams").status_code == 401
+    assert client.post("/v1/streams", json={}).status_code == 401
+
+
+def test_a_camera_that_is_down_reconnects_and_the_definition_survives_a_restart(
+        tmp_path: Path) -> None:
+    cfg = tmp_path / "cameras.toml"
+    cfg.write_text('[[stream]]\nname = "yard"\nsource = "rtsp://127.0.0.1:9/none"\n'
+                   'categories = ["faces"]\n')
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REDACT_RTSP_PORT", "0")
+        srv = ThreadServer(Settings(data_dir=tmp_path / "data", workers=1), cfg).start()
+    try:
+        key = srv.key()
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            data = c.get("/v1/streams", headers=key.headers).json()["data"]
+            assert [s["name"] for s in data] == ["yard"]
+            end = time.monotonic() + 10
+            while time.monotonic() < end:
+                s = c.get(f"/v1/streams/{data[0]['id']}", headers=key.headers).json()
+                if s["stats"]["reconnects"] >= 1:
+                    break
+                time.sleep(0.2)
+            assert s["status"] in ("reconnecting", "connecting") and s["stats"]["reconnects"] >= 1
+            created = c.post("/v1/streams", headers=key.headers, json={
+                "name": "kept", "source": "rtsp://127.0.0.1:9/other"})
+            assert created.status_code == 201
+    finally:
+        srv.stop()
+    assert (tmp_path / "data" / "streams.json").exists()
+    assert "kept" in (tmp_path / "data" / "streams.json").read_text()
