@@ -5,9 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages the project needs at run or test time (PyAV's wheel bundles FFmpeg): GStreamer's
-# RTSP server for live outputs, and what PyGObject needs to build in the virtual environment.
+# RTSP server for live outputs, what PyGObject needs to build in the virtual environment, and
+# Chromium for the browser (WebRTC) tests.
 DEB_PACKAGES := gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
-	gstreamer1.0-plugins-bad libgirepository1.0-dev libcairo2-dev pkg-config
+	gstreamer1.0-plugins-bad libgirepository1.0-dev libcairo2-dev pkg-config chromium
 
 .PHONY: setup deps-debian run test lint format clean bench-accuracy bench-leaks bench-throughput
 

@@ -94,3 +94,14 @@ class Camera:
         if self.server is not None:
             self.server.close()
             self.server = None
+
+
+if __name__ == "__main__":  # a camera in its own process: python -m tests.live_helpers PORT
+    import sys
+
+    cam = Camera().start(int(sys.argv[1]))
+    print(cam.url, flush=True)
+    try:
+        threading.Event().wait()
+    finally:
+        cam.stop()
