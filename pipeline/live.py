@@ -82,7 +82,7 @@ class LiveOptions:
     period: int = 3
     open_timeout_s: float = 5.0
     read_timeout_s: float = 3.0
-    backoff_s: tuple[float, float] = (0.25, 8.0)
+    backoff_s: tuple[float, float] = (0.2, 0.5)
     frozen_s: float = 10.0
     signal_lost_s: float = 0.5
     bitrate: int = 4_000_000
@@ -263,7 +263,7 @@ class LiveStream:
         with av.open(self.source, options=opts,
                      timeout=(o.open_timeout_s, o.read_timeout_s)) as container:
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+            stream.thread_type = "SLICE"  # frame threads would hold frames back (latency)
             if self._fps is None:
                 rate = stream.average_rate or stream.guessed_rate
                 self._fps = float(rate) if rate and 1 <= float(rate) <= 120 else 30.0

@@ -96,10 +96,14 @@ class Camera:
             self.server = None
 
 
-if __name__ == "__main__":  # a camera in its own process: python -m tests.live_helpers PORT
+# a camera in its own process: python -m tests.live_helpers PORT [WxH FPS]
+if __name__ == "__main__":
     import sys
 
-    cam = Camera().start(int(sys.argv[1]))
+    size = sys.argv[2] if len(sys.argv) > 2 else "320x240"
+    w, h = (int(v) for v in size.split("x"))
+    cam = Camera(fps=float(sys.argv[3]) if len(sys.argv) > 3 else 25.0, width=w,
+                 height=h).start(int(sys.argv[1]))
     print(cam.url, flush=True)
     try:
         threading.Event().wait()
