@@ -98,3 +98,59 @@ def viewer_page(name: str, whep_path: str, stats_path: str, token: str) -> str:
     # the JSON goes inside a <script>: keep "</" out of it
     config = config.replace("</", "<\\/")
     return _PAGE.replace("__TITLE__", html.escape(name)).replace("__CONFIG__", config)
+
+
+STREAMS_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Streams - redaction gateway</title>
+<style>
+ body { margin: 0; padding: 12px; background: #111; color: #ddd; font: 14px system-ui, sans-serif; }
+ table { border-collapse: collapse; margin-top: 12px; }
+ td, th { padding: 4px 10px; border-bottom: 1px solid #333; text-align: left; }
+ a { color: #8cf; } input { width: 28em; }
+</style>
+</head>
+<body>
+<h1>Live streams</h1>
+<form id="f"><label>API key <input id="k" type="password" autocomplete="off"></label>
+<button>Show</button></form>
+<table id="t" hidden><thead><tr><th>name</th><th>status</th><th>in / out fps</th>
+<th>latency p50</th><th>viewers</th><th>watch</th><th>RTSP</th></tr></thead><tbody></tbody></table>
+<p id="e"></p>
+<script>
+const f = document.getElementById("f"), k = document.getElementById("k");
+const t = document.getElementById("t"), e = document.getElementById("e");
+k.value = sessionStorage.getItem("redact-key") || "";
+function cell(row, text, href) {
+  const td = row.insertCell();
+  if (href) { const a = document.createElement("a"); a.href = href; a.textContent = text;
+    td.appendChild(a); } else { td.textContent = text; }
+}
+async function load() {
+  const r = await fetch("/v1/streams", { headers: { Authorization: "Bearer " + k.value } });
+  if (!r.ok) { e.textContent = (await r.json()).error.message; t.hidden = true; return; }
+  e.textContent = "";
+  const body = t.tBodies[0]; body.innerHTML = "";
+  for (const s of (await r.json()).data) {
+    const row = body.insertRow(), st = s.stats;
+    cell(row, s.name); cell(row, s.status);
+    cell(row, st.input_fps + " / " + st.output_fps);
+    cell(row, st.latency_ms_p50 === null ? "-" : st.latency_ms_p50 + " ms");
+    cell(row, String(st.viewers));
+    cell(row, s.viewer_url ? "viewer" : "-", s.viewer_url);
+    cell(row, s.rtsp_url || "-");
+  }
+  t.hidden = false;
+}
+f.onsubmit = (ev) => {
+  ev.preventDefault(); sessionStorage.setItem("redact-key", k.value); load();
+};
+if (k.value) load();
+setInterval(() => { if (!t.hidden) load(); }, 3000);
+</script>
+</body>
+</html>
+"""

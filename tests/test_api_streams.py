@@ -136,6 +136,11 @@ def test_bad_stream_definitions_are_400(client: httpx.Client, key: ApiKeyInfo,
     assert r.json()["error"]["code"] == code and message in r.json()["error"]["message"]
 
 
+def test_the_streams_page_is_served(client: httpx.Client) -> None:
+    page = client.get("/streams")
+    assert page.status_code == 200 and "/v1/streams" in page.text and "Bearer" in page.text
+
+
 def test_streams_need_a_key(client: httpx.Client) -> None:
     assert client.get("/v1/streams").status_code == 401
     assert client.post("/v1/streams", json={}).status_code == 401

@@ -13,7 +13,7 @@ from gateway.auth import ServiceDep, current_key
 from gateway.errors import ApiError
 from gateway.store import ApiKey
 from gateway.streams import Running, StreamError, StreamManager
-from gateway.viewer import viewer_page
+from gateway.viewer import STREAMS_PAGE, viewer_page
 from pipeline.webrtc import WebRtcError
 
 router = APIRouter(tags=["streams"])
@@ -142,6 +142,12 @@ async def whep_hangup(stream_id: str, session_id: str, request: Request, service
     if not await r.hub.hangup(session_id):
         raise ApiError(404, "not_found", "no such viewer session")
     return Response(status_code=204)
+
+
+@router.get("/streams", response_class=HTMLResponse, include_in_schema=False)
+def streams_page() -> HTMLResponse:
+    """Every stream of a key, with links to their viewers (the key is typed into the page)."""
+    return HTMLResponse(STREAMS_PAGE)
 
 
 @router.get("/viewer/{stream_id}", response_class=HTMLResponse, include_in_schema=False)
