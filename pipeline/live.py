@@ -256,7 +256,9 @@ class LiveStream:
 
     def _read_once(self) -> None:
         o = self.options
-        opts = {"fflags": "nobuffer", "flags": "low_delay", "probesize": "32768",
+        # no "fflags=nobuffer": it drops the packets read while probing, the first keyframe
+        # among them, and the picture would start one GOP later
+        opts = {"flags": "low_delay", "probesize": "32768",
                 "analyzeduration": "0"}
         if self.source.startswith(("rtsp://", "rtsps://")):
             opts.update(rtsp_transport="tcp", timeout=str(int(o.read_timeout_s * 1e6)))
