@@ -43,11 +43,15 @@ async function connect() {
     if (pc.connectionState === "failed" || pc.connectionState === "disconnected") reconnect();
   };
   await pc.setLocalDescription(await pc.createOffer());
+  // no trickle ICE: wait for the candidates, but not for the slowest of them (complete, or
+  // 250 ms after the first host candidate, or 2 s at most)
   await new Promise((done) => {
     if (pc.iceGatheringState === "complete") return done();
     const t = setTimeout(done, 2000);
+    const finish = () => { clearTimeout(t); done(); };
+    pc.onicecandidate = (e) => { if (e.candidate) setTimeout(finish, 250); else finish(); };
     pc.onicegatheringstatechange = () => {
-      if (pc.iceGatheringState === "complete") { clearTimeout(t); done(); }
+      if (pc.iceGatheringState === "complete") finish();
     };
   });
   const r = await fetch(q(CONFIG.whep), { method: "POST",
