@@ -157,6 +157,9 @@ def onnx_session(model_bytes: bytes, threads: int = 0) -> Any:
     opts.log_severity_level = 3
     # no busy-waiting between runs: decoding and encoding threads need those cores
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # no memory arena: it keeps the largest pass's buffers (hundreds of MiB after a big photo)
+    # for the life of the process
+    opts.enable_cpu_mem_arena = False
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     with _session_lock:
         return ort.InferenceSession(model_bytes, sess_options=opts,

@@ -25,8 +25,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from engines.faces import effective_scales
 from engines.redact import Method, Style
-from engines.registry import IMAGE_PROFILE, VIDEO_PROFILE, CategorySettings
+from engines.registry import (
+    IMAGE_PROFILE,
+    VIDEO_PROFILE,
+    CategorySettings,
+    DetectorConfig,
+    category,
+)
 from gateway.errors import classify
 from gateway.metrics import Metrics
 from gateway.settings import Settings
@@ -41,11 +48,27 @@ CONTENT_TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".webp": "image/webp
                  ".ts": "video/mp2t"}
 PROGRESS_EVERY_S = 0.5  # progress is written to the store at most this often per job
 REDACTOR_CACHE = 8  # redactors (loaded models) kept for different category/method choices
-# working memory of one job, estimated from its pixels (measured on a 21-megapixel photo:
-# ~630 MiB; a video holds its look-ahead and queues of frames plus the detector's tensors)
-IMAGE_BYTES_PER_PIXEL = 32
+IDLE_POLL_S = 0.5  # an idle worker looks at the store this often even without a wake-up
+MIB = 1024 * 1024
+# Working memory of one job, estimated before it runs from its declared size and categories
+# (measured with psutil on 21-megapixel photos). A photo holds its BGR array (3 bytes a pixel)
+# and, while it is decoded or encoded, a Pillow picture (4). Each detector needs memory in
+# proportion to its model input, which its profile caps (faces: 3840x2160 at most, so a
+# 1-megapixel photo enlarged 3x for small faces costs as much as a 20-megapixel one); the
+# figures include what onnxruntime's memory arena holds beyond a run's tensors (it grows by
+# powers of two and keeps what it took). A video holds its look-ahead and queues of frames.
+JOB_BASE_BYTES = 32 * MIB
+IMAGE_BYTES_PER_PIXEL = 5
 VIDEO_BYTES_PER_FRAME_PIXEL = 3 * 64
-JOB_BASE_BYTES = 32 * 1024 * 1024
+FACE_BYTES_PER_INPUT_PIXEL = 84  # YuNet: ~700 MiB at 3840x2160 (~480 without the arena)
+TEXT_BYTES_PER_INPUT_PIXEL = 320  # PP-OCR detector (text and plates): ~500 MiB at 1280x1280
+CODE_BYTES_PER_INPUT_PIXEL = 25  # QR/barcodes: ~90 MiB at 1920x1920
+TEXT_MAX_UPSCALE = 1.5  # engines.text.TextDetector enlarges small images up to this much
+CODE_MAX_SIDE = 1920  # engines.registry gives the code detector frames scaled to this side
+# a job estimated at this much or more gives its freed heap back to the system when it ends;
+# smaller ones leave it for the next job (trimming after each small photo costs ~20% of their
+# throughput in page faults); an idle pool trims in any case
+TRIM_AFTER_BYTES = 128 * MIB
 
 
 def _libc() -> Any:
@@ -56,15 +79,6 @@ def _libc() -> Any:
 
 
 _LIBC = _libc()
-_M_MMAP_THRESHOLD = -3
-
-
-def limit_heap_growth() -> None:
-    """Make glibc serve buffers of 1 MiB and more with mmap, so a job's frames and tensors go
-    back to the system when it ends instead of staying in per-thread heaps (glibc otherwise
-    raises this threshold up to 32 MiB as large buffers are freed)."""
-    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, 1024 * 1024)
 
 
 def release_free_memory() -> None:
@@ -73,11 +87,38 @@ def release_free_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
+def detector_bytes(width: int, height: int, categories: list[str],
+                   profile: DetectorConfig) -> int:
+    """Working memory of the detectors ``categories`` need on a ``width`` x ``height``
+    picture under ``profile`` (they run one after another, but each keeps its arena)."""
+    pixels = width * height
+    long_side = max(width, height, 1)
+    families = set()
+    for name in categories:
+        with contextlib.suppress(Exception):
+            families.add(category(name).engine)
+    total = 0.0
+    if "faces" in families:
+        scale = max(effective_scales((height, width), profile.scales, profile.max_input_pixels))
+        total += FACE_BYTES_PER_INPUT_PIXEL * pixels * scale * scale
+    if families & {"text", "plates"}:
+        scale = min(profile.text_max_side / long_side, TEXT_MAX_UPSCALE)
+        total += TEXT_BYTES_PER_INPUT_PIXEL * pixels * scale * scale
+    if "codes" in families:
+        scale = min(1.0, CODE_MAX_SIDE / long_side)
+        total += CODE_BYTES_PER_INPUT_PIXEL * pixels * scale * scale
+    return int(total)
+
+
 def estimated_bytes(job: Job) -> int:
-    """Working memory ``job`` is expected to need while it is redacted."""
-    pixels = job.width * job.height
-    per = IMAGE_BYTES_PER_PIXEL if job.kind == "image" else VIDEO_BYTES_PER_FRAME_PIXEL
-    return JOB_BASE_BYTES + pixels * per
+    """Working memory ``job`` is expected to need while it is redacted, from its declared
+    size (read from the file's header at upload, before any pixel was decoded)."""
+    pixels = max(job.width, 1) * max(job.height, 1)
+    if job.kind == "image":
+        return (JOB_BASE_BYTES + pixels * IMAGE_BYTES_PER_PIXEL
+                + detector_bytes(job.width, job.height, job.categories, IMAGE_PROFILE))
+    return (JOB_BASE_BYTES + pixels * VIDEO_BYTES_PER_FRAME_PIXEL
+            + detector_bytes(job.width, job.height, job.categories, VIDEO_PROFILE))
 
 
 class MemoryBudget:
@@ -114,14 +155,25 @@ def iso(ts: float | None) -> str | None:
         "+00:00", "Z")
 
 
+def write_synced(path: Path, data: bytes) -> Path:
+    """Write ``data`` to a new temporary file beside ``path``, flushed to disk; returns its
+    name, for the caller to rename (and flush the directory) when it is due."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return tmp
+
+
 def fsync_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: a temporary file, flushed, then renamed."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(write_synced(path, data), path)
     fsync_dir(path.parent)
 
 
@@ -255,6 +307,7 @@ class WorkerPool:
         self.redactors = redactors
         self.on_webhook = on_webhook
         self._cond = threading.Condition()
+        self._wakeups = 0  # counts notify() calls, so that none is missed between two waits
         self._stop = threading.Event()
         self.budget = MemoryBudget(settings.work_memory_mb * 1024 * 1024)
         self._threads = [threading.Thread(target=self._run, name=f"worker-{i}", daemon=True)
@@ -279,26 +332,40 @@ class WorkerPool:
     def notify(self, all_: bool = False) -> None:
         """A job was queued."""
         with self._cond:
+            self._wakeups += 1
             if all_:
                 self._cond.notify_all()
             else:
                 self._cond.notify()
 
     def _run(self) -> None:
+        trimmed = True
         while not self._stop.is_set():
+            with self._cond:
+                seen = self._wakeups
             try:
                 job = self.store.claim_next(time.time())
             except Exception:
                 log.exception("cannot claim a job")
                 job = None
             if job is None:
+                if not trimmed and self.budget.running == 0:
+                    release_free_memory()  # idle: what the last jobs freed goes back
+                    trimmed = True
                 with self._cond:
-                    self._cond.wait(0.5)
+                    # a job queued since ``seen`` (while the store was being asked) is claimed
+                    # at once: the wake-up is counted, not lost
+                    if self._wakeups == seen and not self._stop.is_set():
+                        self._cond.wait(IDLE_POLL_S)
                 continue
+            need = estimated_bytes(job)
+            trimmed = False
             try:
-                with self.budget.hold(estimated_bytes(job)):
+                with self.budget.hold(need):
                     self.process(job)
-                    release_free_memory()
+                    if need >= TRIM_AFTER_BYTES:
+                        release_free_memory()
+                        trimmed = True
             except Exception:  # never let a worker die: the job is recorded as failed
                 log.exception("job %s: unexpected error", job.id)
                 self._fail(job, "internal_error", "internal error while redacting")
@@ -325,15 +392,28 @@ class WorkerPool:
         log.info("job %s: redacting %s (%s, %d bytes)", job.id, job.kind, job.ext,
                  job.size_bytes)
         t0 = time.perf_counter()
+        manifest_path = self.layout.manifest(job)
+        manifest_tmp: Path | None = None
         try:
             redactor = self.redactors.get(job.categories, job.options)
             entry = redactor.redact(src, partial, progress)
-            fsync_file(partial)
+            if job.kind != "image":  # photos are written flushed (pipeline.image.write_atomic)
+                fsync_file(partial)
+            entry["input"], entry["output"] = job.filename, job.filename
+            doc = manifest(redactor.settings, [entry])
+            doc["job_id"] = job.id
+            manifest_tmp = write_synced(manifest_path, json.dumps(doc).encode())
+            # both files are on disk under temporary names: rename them, then make the renames
+            # durable with one flush of the directory, before the store says "completed"
             os.replace(partial, dst)
+            os.replace(manifest_tmp, manifest_path)
             fsync_dir(dst.parent)
+            wall = time.perf_counter() - t0
         except Exception as exc:
-            with contextlib.suppress(OSError):
-                partial.unlink()
+            for leftover in (partial, manifest_tmp):
+                if leftover is not None:
+                    with contextlib.suppress(OSError):
+                        leftover.unlink()
             status, code = classify(exc)
             if status >= 500:
                 log.error("job %s failed: %s", job.id, exc, exc_info=code == "internal_error")
@@ -343,11 +423,6 @@ class WorkerPool:
             self._fail(job, code, message)
             self.metrics.processing_seconds.labels(job.kind).observe(time.perf_counter() - t0)
             return
-        wall = time.perf_counter() - t0
-        entry["input"], entry["output"] = job.filename, job.filename
-        doc = manifest(redactor.settings, [entry])
-        doc["job_id"] = job.id
-        fsync_write(self.layout.manifest(job), json.dumps(doc).encode())
         result: dict[str, Any] = {"counts": entry.get("counts", {}), "seconds": round(wall, 3)}
         for k in ("distinct_objects", "width", "height", "frames", "duration_s", "fps"):
             if k in entry:

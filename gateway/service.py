@@ -10,7 +10,7 @@ import threading
 import time
 
 from engines.registry import available_categories
-from gateway.jobs import Layout, RedactorCache, Sweeper, WorkerPool, limit_heap_growth
+from gateway.jobs import Layout, RedactorCache, Sweeper, WorkerPool
 from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
 from gateway.settings import Settings
@@ -44,7 +44,6 @@ class Service:
 
     def start(self) -> None:
         """Open the store, queue again what a dead process left, start the threads."""
-        limit_heap_growth()
         self.layout.create()
         self.store = Store(self.settings.db_path)
         again = self.store.requeue_unfinished()

@@ -55,8 +55,11 @@ class Settings(BaseSettings):
 
     workers: int = Field(default=2, ge=1, le=64)  # jobs redacted at the same time
     queue_size: int = Field(default=200, ge=1)  # jobs waiting; more answer 503 + Retry-After
-    # memory the jobs being redacted may use together, estimated from their pixels; a job
-    # larger than this runs alone (a 20-megapixel photo needs about 600 MiB)
+    # memory the jobs being redacted may use together, estimated before they start from their
+    # declared size and categories (gateway.jobs.estimated_bytes); a job larger than this runs
+    # alone. With the ~320 MiB of an idle service this keeps jobs that share the machine under
+    # 1 GB. Faces in a photo of 1 megapixel or more are estimated at ~700-800 MiB (the face
+    # pass is capped at 3840x2160), so such photos run one at a time; small ones side by side
     work_memory_mb: int = Field(default=640, ge=1)
     detector_threads: int = Field(default=0, ge=0)  # onnxruntime threads per detector; 0 = all
     max_job_attempts: int = Field(default=3, ge=1)  # a job that kills the process this often fails

@@ -20,6 +20,7 @@ import av
 from PIL import Image
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
 from engines.errors import MediaError
@@ -197,11 +198,15 @@ class _Receiver:
         self._part_name = None
 
     def close(self) -> None:
+        """Close the file part (flushed to disk later, off the event loop: see _sync)."""
         if self._file is not None:
             f, self._file = self._file, None
-            f.flush()
-            os.fsync(f.fileno())
             f.close()
+
+
+def _sync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 async def receive_upload(request: Request, tmp_dir: Path, max_file_bytes: int, max_fields: int,
@@ -209,7 +214,8 @@ async def receive_upload(request: Request, tmp_dir: Path, max_file_bytes: int, m
     """Read a ``multipart/form-data`` body as it streams; ApiError (400, 413, 415) on a bad one.
 
     The whole body is never held: the file part is written to ``tmp_dir`` chunk by chunk, and
-    a declared or counted size over ``max_file_bytes`` stops reading at once.
+    a declared or counted size over ``max_file_bytes`` stops reading at once. The file is
+    flushed to disk (fsync) before this returns.
     """
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
@@ -259,6 +265,12 @@ async def receive_upload(request: Request, tmp_dir: Path, max_file_bytes: int, m
     if receiver._is_file:  # the body ended inside the file part
         upload.discard()
         raise ApiError(400, "malformed_request", "the multipart body ends inside the file part")
+    if upload.path is not None:
+        try:  # on disk before anything is accepted, without holding up other requests
+            await run_in_threadpool(_sync, upload.path)
+        except BaseException:
+            upload.discard()
+            raise
     return upload
 
 
