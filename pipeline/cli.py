@@ -247,14 +247,6 @@ def list_categories(args: argparse.Namespace) -> int:
 
     avail = set(available_categories())
     rows = []
-    if getattr(args, "json", False):
-        print(json.dumps([{
-            "name": c.name, "aliases": list(c.aliases), "description": c.description,
-            "available": c.name in avail, "reason": c.unavailable_reason(),
-            "reported_as": c.maps_to or c.name,
-            "models": [{"name": m.name, "license": m.license, "pip": m.pip_name}
-                       for m in c.requires]} for c in CATEGORIES], indent=1))
-        return 0
     for c in CATEGORIES:
         models = ", ".join(f"{m.name} ({m.license}, pip {m.pip_name})" for m in c.requires)
         state = "available" if c.name in avail else f"unavailable: {c.unavailable_reason()}"

@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 
 from engines.errors import DetectorError
-from engines.redact import Style, cover_all, redact_rect
+from engines.redact import Shape, Style, cover_all, redact_rect
 from engines.registry import Detector
 from pipeline.frame import Frame
 from pipeline.live_encode import EncodedPacket, LiveEncoder, PacketSink
@@ -391,7 +391,7 @@ class LiveStream:
             mask = np.zeros((y2 - y1, x2 - x1), np.uint8)
             cv2.fillPoly(mask, [poly - [x1, y1]], 255)
             covered = frame.pixels[y1:y2, x1:x2].copy()
-            redact_rect(covered, (0, 0, x2 - x1, y2 - y1), replace(style, shape=_box()))
+            redact_rect(covered, (0, 0, x2 - x1, y2 - y1), replace(style, shape=Shape.BOX))
             np.copyto(frame.pixels[y1:y2, x1:x2], covered, where=mask[:, :, None] > 0)
 
     # output -------------------------------------------------------------------------------
@@ -446,12 +446,6 @@ class LiveStream:
 
 class _Frozen(Exception):
     pass
-
-
-def _box() -> Any:
-    from engines.redact import Shape
-
-    return Shape.BOX
 
 
 def no_signal_frame(width: int, height: int) -> np.ndarray:

@@ -33,6 +33,7 @@ from tests.api_support import (
     face_clip_bytes,
     jpeg_bytes,
     png_bytes,
+    png_declaring,
     started,
     submit,
     wait_job,
@@ -299,26 +300,12 @@ def test_bad_uploads_are_400_with_a_reason(client: httpx.Client, key: ApiKeyInfo
                                            fields: list[tuple[str, str]], data: str,
                                            code: str) -> None:
     payload = {"jpeg": jpeg_bytes(), "empty": b"", "text": b"hello, not a photo",
-               "huge": _png_header(30_000, 30_000)}[data]
+               "huge": png_declaring(30_000, 30_000)}[data]
     r = submit(client, key, payload, "x.jpg", fields)
     assert r.status_code == 400, r.text
     assert error_of(r) == code
     if code == "unknown_category":
         assert "available: faces" in r.json()["error"]["message"]
-
-
-def _png_header(width: int, height: int) -> bytes:
-    """A PNG whose header declares ``width`` x ``height`` (and whose data is a stub)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
 def test_missing_file_part_is_400(client: httpx.Client, key: ApiKeyInfo) -> None:

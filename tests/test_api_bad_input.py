@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import struct
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from tests.api_support import (
     face_clip_bytes,
     jpeg_bytes,
     png_bytes,
+    png_declaring,
     started,
     wait_job,
 )
@@ -73,15 +73,6 @@ def _corrupt_middle(data: bytes, share: float = 0.3) -> bytes:
     start, n = int(len(b) * 0.35), int(len(b) * share)
     b[start:start + n] = RNG.integers(0, 256, n, dtype=np.uint8).tobytes()
     return bytes(b)
-
-
-def _png_dims(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
 def _jpeg_dims(width: int, height: int) -> bytes:
@@ -148,9 +139,9 @@ CASES: dict[str, Case] = {
     "gif": Case(_file("a.gif", _pil("GIF")), (400,), "unsupported_media"),
     "bmp named .jpg": Case(_file("a.jpg", _pil("BMP")), (400,), "unsupported_media"),
     "tiff": Case(_file("a.tiff", _pil("TIFF")), (400,), "unsupported_media"),
-    "huge png 100000x100000": Case(_file("a.png", _png_dims(100_000, 100_000)), (400,),
+    "huge png 100000x100000": Case(_file("a.png", png_declaring(100_000, 100_000)), (400,),
                                    "image_too_large"),
-    "huge png 9000x9000": Case(_file("a.png", _png_dims(9_000, 9_000)), (400,),
+    "huge png 9000x9000": Case(_file("a.png", png_declaring(9_000, 9_000)), (400,),
                                "image_too_large"),
     "huge jpeg 65000x65000": Case(_file("a.jpg", _jpeg_dims(65_000, 65_000)), (400,),
                                   "image_too_large"),
