@@ -3,8 +3,10 @@ the service's RTSP server and to WebRTC viewers, with definitions kept on disk s
 after a restart, and cameras declared in a config file (``redact serve --config FILE``).
 
 A stream's definition: ``name`` (also its RTSP path), ``source`` (an ``rtsp://`` URL, which may
-carry credentials; they never appear in answers, logs or metrics), ``categories``, ``method``,
-``zones`` (polygons always covered) and ``outputs`` (``rtsp``, ``webrtc``).
+carry credentials; they never appear in answers, logs or metrics; or ``"push"``: the camera
+publishes to ``rtsp://HOST:PORT/<name>/publish`` with the user name and password of the stream's
+``publish_url``), ``categories``, ``method``, ``zones`` (polygons always covered) and
+``outputs`` (``rtsp``, ``webrtc``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from engines.redact import Method, Style
 from engines.registry import VIDEO_PROFILE, build_detector, resolve_categories
 from pipeline.live import LiveOptions, LiveStream, scrub_url
+from pipeline.push import PushFeed
 from pipeline.webrtc import IceServer, WebRtcHub
 
 log = logging.getLogger(__name__)
@@ -81,10 +84,8 @@ class StreamDef:
                               "letter or digit (it becomes the RTSP path)")
         source = str(data.get("source") or "").strip()
         if source != "push" and not source.startswith(("rtsp://", "rtsps://")):
-            raise StreamError("source: an rtsp:// URL of the camera")
-        if source == "push":
-            raise StreamError("source 'push' (cameras publishing to the gateway) is not "
-                              "available yet; give the camera's rtsp:// URL")
+            raise StreamError("source: an rtsp:// URL of the camera, or \"push\" for a camera "
+                              "that publishes to the gateway")
         cats = data.get("categories")
         categories = list(resolve_categories(cats if isinstance(cats, list) else None))
         method = Method.parse(str(data.get("method") or "blur")).value
@@ -121,6 +122,7 @@ class Running:
     live: LiveStream
     hub: WebRtcHub
     mount: Any = None
+    publish: Any = None  # the publish mount of a "push" stream
 
 
 class StreamManager:
@@ -206,15 +208,19 @@ class StreamManager:
             if any(r.spec.name == spec.name for r in self._streams.values()):
                 raise StreamError(f"a stream named {spec.name!r} exists")
         cats = tuple(spec.categories)
+        feed = PushFeed() if spec.source == "push" else None
         live = LiveStream(spec.name, spec.source,
                           lambda: build_detector(cats, VIDEO_PROFILE),
                           Style(method=Method.parse(spec.method)),
                           LiveOptions(delay_frames=self.settings.stream_delay_frames),
-                          zones=[[(x, y) for x, y in z] for z in spec.zones])
+                          zones=[[(x, y) for x, y in z] for z in spec.zones], feed=feed)
         hub = WebRtcHub(live.request_keyframe,
                         [IceServer(s.get("urls", []), s.get("username"), s.get("credential"))
                          for s in self.settings.ice_servers])
         r = Running(spec, live, hub)
+        if feed is not None:
+            r.publish = self.rtsp_server().add_publish_mount(
+                spec.name, spec.name, self.publish_password(spec.id), feed)
         if "rtsp" in spec.outputs:
             r.mount = self.rtsp_server().add_mount(spec.name)
             r.mount.on_viewer = live.request_keyframe
@@ -263,7 +269,7 @@ class StreamManager:
             self._streams.pop(r.spec.id, None)
             self._save()
         await r.hub.close()
-        if r.mount is not None:
+        if r.mount is not None or r.publish is not None:
             self.rtsp_server().remove_mount(r.spec.name)
         r.live.stop(timeout=3)
 
@@ -271,8 +277,22 @@ class StreamManager:
     def rtsp_url(self, r: Running) -> str | None:
         if r.mount is None:
             return None
-        host = self.settings.public_rtsp_host or self.settings.rtsp_host or self.host
-        return f"rtsp://{host}:{self.rtsp_server().port}/{r.spec.name}"
+        return f"rtsp://{self._rtsp_host()}:{self.rtsp_server().port}/{r.spec.name}"
+
+    def _rtsp_host(self) -> str:
+        return self.settings.public_rtsp_host or self.settings.rtsp_host or self.host
+
+    def publish_password(self, stream_id: str) -> str:
+        """The password a camera publishes a push stream with (stable across restarts)."""
+        mac = hmac.new(self._secret, f"publish:{stream_id}".encode(), hashlib.sha256)
+        return base64.urlsafe_b64encode(mac.digest()[:18]).decode()
+
+    def publish_url(self, r: Running) -> str | None:
+        """Where a "push" camera publishes, with its user name and password."""
+        if r.publish is None:
+            return None
+        return (f"rtsp://{r.spec.name}:{self.publish_password(r.spec.id)}@{self._rtsp_host()}:"
+                f"{self.rtsp_server().port}/{r.spec.name}/publish")
 
     def viewer_token(self, stream_id: str, ttl_s: int | None = None) -> tuple[str, float]:
         expires = time.time() + (ttl_s or self.settings.viewer_token_ttl_s)
@@ -298,12 +318,15 @@ class StreamManager:
             "source": scrub_url(r.spec.source), "categories": r.spec.categories,
             "method": r.spec.method, "zones": r.spec.zones, "outputs": r.spec.outputs,
             "rtsp_url": self.rtsp_url(r),
+            "publish_url": self.publish_url(r) if with_token else None,
             "whep_url": f"{base_url}/v1/streams/{r.spec.id}/whep"
             if "webrtc" in r.spec.outputs else None,
             "viewer_url": None,
             "created_at": r.spec.created_at,
             "stats": {**stats, "viewers": viewers},
         }
+        if r.publish is not None:
+            out["stats"]["publisher_connected"] = r.publish.feed.publishing
         if with_token and "webrtc" in r.spec.outputs:
             token, _ = self.viewer_token(r.spec.id)
             out["viewer_url"] = f"{base_url}/viewer/{r.spec.id}?token={token}"

@@ -40,6 +40,7 @@ from engines.redact import Shape, Style, cover_all, redact_rect
 from engines.registry import Detector
 from pipeline.frame import Frame
 from pipeline.live_encode import EncodedPacket, LiveEncoder, PacketSink
+from pipeline.push import PushFeed
 from pipeline.stages import RedactStage
 
 log = logging.getLogger(__name__)
@@ -141,9 +142,11 @@ class LiveStream:
 
     def __init__(self, name: str, source: str, detector_factory: Callable[[], Detector],
                  style: Style, options: LiveOptions | None = None,
-                 zones: Sequence[Zone] = (), sinks: Sequence[PacketSink] = ()) -> None:
+                 zones: Sequence[Zone] = (), sinks: Sequence[PacketSink] = (),
+                 feed: PushFeed | None = None) -> None:
         self.name = name
         self.source = source
+        self.feed = feed  # a camera that publishes to the gateway, instead of ``source``
         self.options = options or LiveOptions()
         self._factory = detector_factory
         self._style = style
@@ -187,6 +190,8 @@ class LiveStream:
         self._stop.set()
         with self._frames_cv:
             self._frames_cv.notify_all()
+        if self.feed is not None:
+            self.feed.wake()
         for t in self._threads:
             t.join(timeout)
         if self.encoder is not None:
@@ -242,6 +247,8 @@ class LiveStream:
             try:
                 self._read_once()
             except (av.FFmpegError, OSError, ValueError, EOFError, _Frozen) as exc:
+                if self._stop.is_set():
+                    break
                 self.stats.last_error = scrub_url(f"{type(exc).__name__}: {exc}")
                 log.warning("stream %s: camera %s: %s", self.name, self.safe_source,
                             self.stats.last_error)
@@ -255,6 +262,9 @@ class LiveStream:
             wait = min(largest, wait * 2)
 
     def _read_once(self) -> None:
+        if self.feed is not None:
+            self._read_pushed(self.feed)
+            return
         o = self.options
         # no "fflags=nobuffer": it drops the packets read while probing, the first keyframe
         # among them, and the picture would start one GOP later
@@ -269,47 +279,59 @@ class LiveStream:
             if self._fps is None:
                 rate = stream.average_rate or stream.guessed_rate
                 self._fps = float(rate) if rate and 1 <= float(rate) <= 120 else 30.0
-            same_since: float | None = None
-            last_thumb: np.ndarray | None = None
+            freeze = _FreezeWatch(o.frozen_s)
             for vf in container.decode(stream):
                 if self._stop.is_set():
                     break
-                now = time.monotonic()
-                pixels = vf.to_ndarray(format="bgr24")
-                if self._size is None:
-                    h, w = pixels.shape[:2]
-                    self._size = (w, h)
-                    self._size_known.set()
-                if self.stats.status is not Status.LIVE:
-                    self.stats.status = Status.LIVE
-                    log.info("stream %s: live from %s", self.name, self.safe_source)
-                if o.frozen_s > 0:
-                    thumb = cv2.resize(pixels, (16, 9), interpolation=cv2.INTER_AREA)
-                    if last_thumb is not None and np.array_equal(thumb, last_thumb):
-                        same_since = same_since or now
-                        if now - same_since > o.frozen_s:
-                            raise _Frozen(f"the picture has not changed for {o.frozen_s:.0f} s")
-                    else:
-                        same_since = None
-                    last_thumb = thumb
-                # indices keep growing across reconnections (the tracker's clock)
-                tb = (Fraction(vf.time_base.numerator, vf.time_base.denominator)
-                      if vf.time_base is not None else None)
-                frame = Frame(self._index, pixels, vf.pts, tb, stream_id=self.name)
-                frame.timings_ms["arrived"] = now * 1000
-                self._index += 1
-                self.stats.frames_in += 1
-                self.stats.in_times.append(now)
-                self._last_input = now
-                with self._frames_cv:
-                    # redaction takes the frames in order; when it falls behind, the oldest
-                    # waiting frame is dropped, never passed on
-                    while len(self._frames) >= max(2, o.delay_frames + 1):
-                        self._frames.popleft()
-                        self.stats.frames_dropped += 1
-                    self._frames.append(frame)
-                    self._frames_cv.notify()
+                self._take(vf, freeze, time.monotonic())
         raise EOFError("the camera ended the stream")
+
+    def _read_pushed(self, feed: PushFeed) -> None:
+        """Frames from a camera publishing to the gateway (see :mod:`pipeline.push`)."""
+        o = self.options
+        session = None
+        while session is None:
+            if self._stop.is_set():
+                return
+            session = feed.wait_publisher(0.5)
+        if self._fps is None:
+            self._fps = 30.0  # raw H.264 carries no reliable rate; output follows arrivals
+        decoder = av.CodecContext.create("h264", "r")
+        decoder.thread_type = "SLICE"
+        freeze = _FreezeWatch(o.frozen_s)
+        while not self._stop.is_set():
+            unit = feed.get(session, o.read_timeout_s)
+            for vf in decoder.decode(av.Packet(unit.data)):
+                self._take(vf, freeze, unit.arrived)
+
+    def _take(self, vf: av.VideoFrame, freeze: _FreezeWatch, arrived: float) -> None:
+        """One decoded camera frame to the redaction thread."""
+        pixels = vf.to_ndarray(format="bgr24")
+        if self._size is None:
+            h, w = pixels.shape[:2]
+            self._size = (w, h)
+            self._size_known.set()
+        if self.stats.status is not Status.LIVE:
+            self.stats.status = Status.LIVE
+            log.info("stream %s: live from %s", self.name, self.safe_source)
+        freeze.check(pixels, arrived)
+        # indices keep growing across reconnections (the tracker's clock)
+        tb = (Fraction(vf.time_base.numerator, vf.time_base.denominator)
+              if vf.time_base is not None else None)
+        frame = Frame(self._index, pixels, vf.pts, tb, stream_id=self.name)
+        frame.timings_ms["arrived"] = arrived * 1000
+        self._index += 1
+        self.stats.frames_in += 1
+        self.stats.in_times.append(arrived)
+        self._last_input = arrived
+        with self._frames_cv:
+            # redaction takes the frames in order; when it falls behind, the oldest
+            # waiting frame is dropped, never passed on
+            while len(self._frames) >= max(2, self.options.delay_frames + 1):
+                self._frames.popleft()
+                self.stats.frames_dropped += 1
+            self._frames.append(frame)
+            self._frames_cv.notify()
 
     # redaction ----------------------------------------------------------------------------
     def _new_stage(self) -> RedactStage:
@@ -446,6 +468,27 @@ class LiveStream:
 
 class _Frozen(Exception):
     pass
+
+
+class _FreezeWatch:
+    """Raises :class:`_Frozen` when the picture has not changed for ``seconds`` (0: never)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._since: float | None = None
+        self._thumb: np.ndarray | None = None
+
+    def check(self, pixels: np.ndarray, now: float) -> None:
+        if self.seconds <= 0:
+            return
+        thumb = cv2.resize(pixels, (16, 9), interpolation=cv2.INTER_AREA)
+        if self._thumb is not None and np.array_equal(thumb, self._thumb):
+            self._since = self._since or now
+            if now - self._since > self.seconds:
+                raise _Frozen(f"the picture has not changed for {self.seconds:.0f} s")
+        else:
+            self._since = None
+        self._thumb = thumb
 
 
 def no_signal_frame(width: int, height: int) -> np.ndarray:

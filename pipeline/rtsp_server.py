@@ -13,6 +13,11 @@ access unit is one slice (players split multi-slice frames sent this way into pa
 GStreamer and PyGObject come from Debian packages (``gir1.2-gst-rtsp-server-1.0``,
 ``gstreamer1.0-plugins-{base,good,bad}``) and ``pip install 'pygobject<3.51'``; they are imported
 when a server is created, with an error that says how to install them when missing.
+
+Publish mounts (``rtsp://HOST:PORT/<name>/publish``, see :mod:`pipeline.push`) take H.264 from a
+camera that pushes (ANNOUNCE/RECORD) with a user name and password (RTSP basic authentication);
+play mounts stay open to any player, as before. A second publisher on a busy mount is refused
+with 503.
 """
 
 from __future__ import annotations
@@ -24,12 +29,19 @@ from typing import Any
 
 from engines.errors import RedactionError
 from pipeline.live_encode import EncodedPacket
+from pipeline.push import PushFeed
 
 log = logging.getLogger(__name__)
 
 _LAUNCH = ("( appsrc name=src is-live=true format=time do-timestamp=true block=false "
            "max-bytes=4000000 caps=video/x-h264,stream-format=byte-stream,alignment=au "
            "! rtph264pay name=pay0 pt=96 config-interval=-1 )")
+
+
+_RECORD_LAUNCH = ("( rtph264depay name=depay0 ! h264parse config-interval=-1 ! "
+                  "video/x-h264,stream-format=byte-stream,alignment=au ! "
+                  "appsink name=sink emit-signals=true sync=false max-buffers=120 drop=false )")
+_ANONYMOUS = "anonymous"
 
 
 class RtspUnavailableError(RedactionError, RuntimeError):
@@ -41,6 +53,7 @@ def _gst() -> tuple[Any, Any, Any]:
         import gi
 
         gi.require_version("Gst", "1.0")
+        gi.require_version("GstRtsp", "1.0")
         gi.require_version("GstRtspServer", "1.0")
         from gi.repository import GLib, Gst, GstRtspServer
     except (ImportError, ValueError) as exc:
@@ -121,6 +134,72 @@ class Mount:
             self._clients = max(0, self._clients - 1)
 
 
+class PublishMount:
+    """A path cameras publish to (``/<name>/publish``); what they send goes to ``feed``."""
+
+    def __init__(self, server: RtspServer, path: str, user: str, feed: PushFeed) -> None:
+        self.server = server
+        self.path = path
+        self.user = user
+        self.feed = feed
+        self.refused = 0  # second publishers turned away
+        self.client: Any = None  # the publishing RTSP connection
+        self._pending: dict[str, int | None] | None = None
+
+    @property
+    def url(self) -> str:
+        """The URL without credentials (the publisher adds ``user:password@``)."""
+        return f"rtsp://{self.server.host}:{self.server.port}{self.path}"
+
+    def _configure(self, factory: Any, media: Any) -> None:
+        """A publisher's ANNOUNCE built a media (before the ANNOUNCE is answered): its data
+        counts once :meth:`_announce` lets the publisher in."""
+        Gst = self.server.Gst
+        cell: dict[str, int | None] = {"session": None}
+        self._pending = cell
+        sink = media.get_element().get_child_by_name("sink")
+
+        def on_sample(appsink: Any) -> Any:
+            sample = appsink.emit("pull-sample")
+            if sample is None:
+                return Gst.FlowReturn.EOS
+            session = cell["session"]
+            if session is None:
+                return Gst.FlowReturn.OK
+            buf = sample.get_buffer()
+            ok, info = buf.map(Gst.MapFlags.READ)
+            if ok:
+                try:
+                    self.feed.put(session, bytes(info.data),
+                                  not buf.has_flags(Gst.BufferFlags.DELTA_UNIT))
+                finally:
+                    buf.unmap(info)
+            return Gst.FlowReturn.OK
+
+        sink.connect("new-sample", on_sample)
+
+        def unprepared(media: Any) -> None:
+            if cell["session"] is not None:
+                self.feed.end(cell["session"])
+                log.info("rtsp %s: the publisher left", self.path)
+
+        media.connect("unprepared", unprepared)
+
+    def _announce(self, client: Any) -> bool:
+        """An authenticated ANNOUNCE: False (busy) when another publisher is sending."""
+        cell, self._pending = self._pending, None
+        session = self.feed.begin()
+        if session is None:
+            self.refused += 1
+            log.warning("rtsp %s: a second publisher is refused (busy)", self.path)
+            return False
+        if cell is not None:
+            cell["session"] = session
+        self.client = client
+        log.info("rtsp %s: a publisher started", self.path)
+        return True
+
+
 class RtspServer:
     """GStreamer RTSP server on ``host:port`` with its own main loop thread.
 
@@ -138,7 +217,14 @@ class RtspServer:
         self._server.set_service(str(port))
         self._server.get_thread_pool().set_max_threads(threads)
         self._mounts: dict[str, Mount] = {}
+        self._publish: dict[str, PublishMount] = {}
         self._lock = threading.Lock()
+        # players need no credentials; publishers do (basic authentication per publish mount)
+        self._auth = GstRtspServer.RTSPAuth.new()
+        anonymous = GstRtspServer.RTSPToken.new()
+        anonymous.set_string("media.factory.role", _ANONYMOUS)
+        self._auth.set_default_token(anonymous)
+        self._server.set_auth(self._auth)
         self._source_id = self._server.attach(self._ctx)
         if not self._source_id:
             raise OSError(f"the RTSP server cannot listen on {host}:{port}")
@@ -165,16 +251,63 @@ class RtspServer:
             factory.set_launch(_LAUNCH)
             factory.set_shared(True)
             factory.set_latency(0)
+            self._allow(factory, _ANONYMOUS, construct=True)
             factory.connect("media-configure", mount._configure)
             self._server.get_mount_points().add_factory(path, factory)
             self._mounts[path] = mount
             return mount
 
+    def add_publish_mount(self, name: str, user: str, password: str,
+                          feed: PushFeed) -> PublishMount:
+        """``/<name>/publish``: a camera publishes H.264 there (ANNOUNCE/RECORD) as ``user``
+        with ``password``; the access units go to ``feed``."""
+        path = "/" + name.strip("/") + "/publish"
+        role = f"publisher:{path}"
+        with self._lock:
+            if path in self._publish:
+                raise ValueError(f"{path} has a publisher mount already")
+            mount = PublishMount(self, path, user, feed)
+            factory = self._GstRtspServer.RTSPMediaFactory.new()
+            factory.set_transport_mode(self._GstRtspServer.RTSPTransportMode.RECORD)
+            factory.set_launch(_RECORD_LAUNCH)
+            factory.set_latency(0)
+            # anyone may see the path (so a publisher without credentials is asked for them,
+            # 401, instead of a bare 404), only this mount's user may publish
+            self._allow(factory, _ANONYMOUS, construct=False)
+            self._allow(factory, role, construct=True)
+            token = self._GstRtspServer.RTSPToken.new()
+            token.set_string("media.factory.role", role)
+            basic = self._GstRtspServer.RTSPAuth.make_basic(user, password)
+            self._auth.add_basic(basic, token)
+            mount.basic = basic  # type: ignore[attr-defined]
+            factory.connect("media-configure", mount._configure)
+            self._server.get_mount_points().add_factory(path, factory)
+            self._publish[path] = mount
+            return mount
+
+    def _allow(self, factory: Any, role: str, construct: bool) -> None:
+        perms = self.Gst.Structure.new_empty(role)
+        perms.set_value("media.factory.access", True)
+        perms.set_value("media.factory.construct", construct)
+        factory.add_role_from_structure(perms)
+
     def remove_mount(self, name: str) -> None:
+        """Remove ``/<name>`` and ``/<name>/publish`` (publishers are disconnected)."""
         path = "/" + name.strip("/")
         with self._lock:
             if self._mounts.pop(path, None) is not None:
                 self._server.get_mount_points().remove_factory(path)
+            pub = self._publish.pop(path + "/publish", None)
+            if pub is not None:
+                self._server.get_mount_points().remove_factory(pub.path)
+                self._auth.remove_basic(pub.basic)  # type: ignore[attr-defined]
+        if pub is not None:
+            client = pub.client
+            if client is not None:
+                self._server.client_filter(
+                    lambda server, c, *_: self._GstRtspServer.RTSPFilterResult.REMOVE
+                    if c == client else self._GstRtspServer.RTSPFilterResult.KEEP)
+            pub.feed.end()
 
     def mount(self, name: str) -> Mount | None:
         return self._mounts.get("/" + name.strip("/"))
@@ -190,18 +323,35 @@ class RtspServer:
                 mount._client_joined()
 
         def on_closed(client: Any) -> None:
+            for pub in self._publish.values():
+                if pub.client == client:
+                    pub.client = None
             for mount in state.values():
                 mount._client_left()
             state.clear()
 
+        def pre_announce(client: Any, ctx: Any) -> Any:
+            # one publisher per mount: a second one is told the mount is busy
+            from gi.repository import GstRtsp
+
+            path = ctx.uri.abspath if ctx.uri is not None else ""
+            pub = self._publish.get(path)
+            if pub is not None and not pub._announce(client):
+                return GstRtsp.RTSPStatusCode.SERVICE_UNAVAILABLE
+            return GstRtsp.RTSPStatusCode.OK
+
         client.connect("play-request", on_play)
+        client.connect("pre-announce-request", pre_announce)
         client.connect("closed", on_closed)
 
     def close(self) -> None:
         with self._lock:
-            for path in list(self._mounts):
+            for path in [*self._mounts, *self._publish]:
                 self._server.get_mount_points().remove_factory(path)
+            for pub in self._publish.values():
+                pub.feed.end()
             self._mounts.clear()
+            self._publish.clear()
         # close client sessions, stop listening, end the loop
         self._server.client_filter(lambda server, client, *_: self._GstRtspServer.RTSPFilterResult
                                    .REMOVE)
@@ -210,3 +360,4 @@ class RtspServer:
             src.destroy()
         self._loop.quit()
         self._thread.join(timeout=5)
+

@@ -1,13 +1,16 @@
 """A camera simulator for live-stream tests: an RTSP server (the project's own, on loopback)
 serving a clip made in code — the astronaut's head moving across a background — with the frame
-number stamped into each picture as a row of black and white blocks."""
+number stamped into each picture as a row of black and white blocks; and a dashcam simulator
+that publishes the same clip to a URL (RTSP ANNOUNCE/RECORD, FFmpeg's RTSP client)."""
 
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 
+import av
 import numpy as np
 
 from pipeline.frame import Frame
@@ -94,6 +97,52 @@ class Camera:
         if self.server is not None:
             self.server.close()
             self.server = None
+
+
+class Publisher(Camera):
+    """Publishes the clip to ``url`` (``rtsp://user:password@host:port/<name>/publish``) at
+    ``fps`` until stopped. ``error`` holds why publishing ended, if it failed."""
+
+    url_out: str = ""
+    error: str = ""
+
+    def publish(self, url: str) -> Publisher:
+        self.url_out = url
+        self.error = ""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._push, daemon=True, name="publisher")
+        self._thread.start()
+        return self
+
+    def _push(self) -> None:
+        try:
+            with av.open(self.url_out, "w", format="rtsp",
+                         options={"rtsp_transport": "tcp"}, timeout=5.0) as out:
+                st = out.add_stream("libx264", rate=round(self.fps))
+                st.width, st.height, st.pix_fmt = self.width, self.height, "yuv420p"
+                st.codec_context.time_base = Fraction(1, round(self.fps))
+                st.options = {"preset": "ultrafast", "tune": "zerolatency",
+                              "x264-params": f"keyint={round(self.fps)}:bframes=0"}
+                t0 = time.monotonic()
+                i = 0
+                while not self._stop.is_set():
+                    px = self.frames[i % len(self.frames)].copy()
+                    stamp(px, i)
+                    vf = av.VideoFrame.from_ndarray(px, format="bgr24")
+                    vf.pts = i
+                    self.sent_at[i] = time.monotonic()
+                    for pkt in st.encode(vf):
+                        out.mux(pkt)
+                    self.sent = i = i + 1
+                    self._stop.wait(max(0.0, t0 + i / self.fps - time.monotonic()))
+        except (av.FFmpegError, OSError) as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
 
 
 # a camera in its own process: python -m tests.live_helpers PORT [WxH FPS]

@@ -13,7 +13,7 @@ import pytest
 from gateway.settings import Settings
 from tests.api_support import ApiKeyInfo, ThreadServer
 from tests.conftest import fill_fraction, region
-from tests.live_helpers import Camera, read_stamp
+from tests.live_helpers import Camera, Publisher, read_stamp
 from tests.test_live import Player, camera_frames
 
 pytest.importorskip("gi", reason="GStreamer's Python bindings (make setup installs them)")
@@ -115,10 +115,56 @@ def test_stream_lifecycle(client: httpx.Client, key: ApiKeyInfo, camera: Camera,
     assert client.get(f"/v1/streams/{s['id']}", headers=key.headers).status_code == 404
 
 
+def test_a_push_stream_takes_a_publishing_camera(client: httpx.Client, key: ApiKeyInfo,
+                                                server: ThreadServer) -> None:
+    r = client.post("/v1/streams", headers=key.headers, json={
+        "name": "dash-7", "source": "push", "categories": ["faces"], "method": "fill"})
+    assert r.status_code == 201, r.text
+    s = r.json()
+    assert s["source"] == "push" and s["status"] == "connecting"
+    pub_url = s["publish_url"]
+    assert pub_url.startswith("rtsp://dash-7:") and pub_url.endswith("/dash-7/publish")
+    password = pub_url.split(":")[2].split("@")[0]
+    assert len(password) >= 20
+    # the publish password is for the owner only
+    stats = client.get(f"/viewer/{s['id']}/stats?token=" + client.post(
+        f"/v1/streams/{s['id']}/viewer-token", headers=key.headers).json()["token"])
+    assert stats.status_code == 200 and password not in stats.text
+    assert client.get(f"/v1/streams/{s['id']}", headers=server.key(name="o2").headers) \
+        .status_code == 404
+
+    wrong = Publisher().publish(pub_url.replace(password, "guess"))
+    end = time.monotonic() + 10
+    while not wrong.error and time.monotonic() < end:
+        time.sleep(0.05)
+    assert "401" in wrong.error
+    wrong.stop()
+
+    cam = Publisher().publish(pub_url)
+    try:
+        live = _wait_live(client, key, s["id"])
+        assert live["stats"]["publisher_connected"] is True
+        player = Player(s["rtsp_url"])
+        player.wait_frames(30)
+        player.stop()
+        shown = camera_frames(player.frames)
+        assert len(shown) >= 20
+        for px in shown:
+            assert fill_fraction(region(px, cam.face(read_stamp(px))), (0, 0, 0), tol=40) > 0.9
+        # deleting the stream hangs up on the camera
+        assert client.delete(f"/v1/streams/{s['id']}", headers=key.headers).status_code == 204
+        end = time.monotonic() + 10
+        while not cam.error and time.monotonic() < end:
+            time.sleep(0.05)
+        assert cam.error
+    finally:
+        cam.stop()
+
+
 @pytest.mark.parametrize(("body", "code", "message"), [
     ({"name": "Bad Name!", "source": "rtsp://h/x"}, "invalid_stream", "name"),
     ({"name": "a", "source": "http://h/x"}, "invalid_stream", "rtsp://"),
-    ({"name": "a", "source": "push"}, "invalid_stream", "not available yet"),
+    ({"name": "a", "source": "pull"}, "invalid_stream", "push"),
     ({"name": "a", "source": "rtsp://h/x", "outputs": ["record"]}, "invalid_stream",
      "recording"),
     ({"name": "a", "source": "rtsp://h/x", "categories": ["tattoos"]}, "unknown_category",

@@ -1,0 +1,144 @@
+"""Push ingest on loopback: a simulated dashcam publishes (RTSP ANNOUNCE/RECORD, FFmpeg's RTSP
+client) to the project's RTSP server; the live pipeline redacts what it sends and a player of
+the output sees only covered faces. Wrong credentials and a second publisher are refused; a
+publisher that hangs up and comes back does not break the output."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from engines.registry import VIDEO_PROFILE, build_detector
+from pipeline.live import LiveOptions, LiveStream, Status
+from pipeline.push import PublisherGone, PushFeed
+from pipeline.rtsp_server import RtspServer
+from tests.live_helpers import Publisher, read_stamp
+from tests.test_live import FILL, Player, assert_faces_covered, camera_frames
+
+pytest.importorskip("gi", reason="GStreamer's Python bindings (make setup installs them)")
+
+
+class PushGateway:
+    def __init__(self) -> None:
+        self.server = RtspServer(port=0)
+        self.out = self.server.add_mount("dash")
+        self.feed = PushFeed()
+        self.pub = self.server.add_publish_mount("dash", "dash", "s3cret", self.feed)
+        self.stream = LiveStream(
+            "dash", "push", lambda: build_detector(("faces",), VIDEO_PROFILE), FILL,
+            LiveOptions(read_timeout_s=2.0, width=320, height=240), sinks=[self.out.push],
+            feed=self.feed)
+        self.out.on_viewer = self.stream.request_keyframe
+        self.stream.start()
+
+    def url(self, password: str = "s3cret") -> str:
+        return self.pub.url.replace("rtsp://", f"rtsp://dash:{password}@")
+
+    def wait_status(self, status: Status, timeout: float = 15.0) -> None:
+        end = time.monotonic() + timeout
+        while self.stream.stats.status is not status and time.monotonic() < end:
+            time.sleep(0.05)
+        assert self.stream.stats.status is status, self.stream.stats.as_dict()
+
+    def close(self) -> None:
+        self.stream.stop()
+        self.server.close()
+
+
+@pytest.fixture
+def gw() -> Iterator[PushGateway]:
+    g = PushGateway()
+    yield g
+    g.close()
+
+
+def wait_error(pub: Publisher, timeout: float = 10.0) -> str:
+    end = time.monotonic() + timeout
+    while not pub.error and time.monotonic() < end:
+        time.sleep(0.05)
+    return pub.error
+
+
+def test_a_published_camera_is_redacted_and_survives_hang_ups(gw: PushGateway) -> None:
+    player = Player(gw.out.url)
+    player.wait_frames(5)  # the placeholder plays while nobody publishes
+    assert not camera_frames(player.frames) and gw.stream.stats.status is Status.CONNECTING
+    cam = Publisher().publish(gw.url())
+    try:
+        gw.wait_status(Status.LIVE)
+        n = len(player.frames)
+        player.wait_frames(n + 40)
+        assert_faces_covered(cam, player.frames[n:], 30)
+        stamps = [read_stamp(px) for px in camera_frames(player.frames)]
+        assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
+        # the dashcam hangs up: the output goes on with the placeholder, then resumes with the
+        # next publisher, the player connected throughout
+        cam.stop()
+        gw.wait_status(Status.RECONNECTING, timeout=5)
+        n = len(player.frames)
+        player.wait_frames(n + 10)
+        assert not camera_frames(player.frames[-5:])  # frames in flight aside: placeholders
+        cam = Publisher().publish(gw.url())
+        back = time.monotonic()
+        gw.wait_status(Status.LIVE)
+        n = len(player.frames)
+        player.wait_frames(n + 30)
+        assert not player.error
+        assert_faces_covered(cam, player.frames[n:], 20)
+        assert time.monotonic() - back < 10
+        assert gw.feed.publishers == 2 and gw.stream.stats.reconnects >= 1
+    finally:
+        cam.stop()
+        player.stop()
+
+
+def test_wrong_credentials_and_a_second_publisher_are_refused(gw: PushGateway) -> None:
+    for url in (gw.pub.url, gw.url("wrong")):
+        intruder = Publisher().publish(url)
+        assert "401" in wait_error(intruder)
+        intruder.stop()
+    assert gw.feed.units_in == 0 and gw.stream.stats.frames_in == 0
+    cam = Publisher().publish(gw.url())
+    try:
+        gw.wait_status(Status.LIVE)
+        second = Publisher().publish(gw.url())
+        assert "5XX" in wait_error(second) or "503" in second.error
+        second.stop()
+        assert gw.pub.refused == 1
+        frames = gw.stream.stats.frames_in
+        time.sleep(0.5)
+        assert gw.stream.stats.frames_in > frames  # the first one still publishes
+    finally:
+        cam.stop()
+
+
+def test_the_feed_resumes_at_a_keyframe_when_the_reader_is_behind() -> None:
+    feed = PushFeed(max_units=4)
+    session = feed.begin()
+    assert session is not None and feed.begin() is None  # busy
+    feed.put(session, b"P0", keyframe=False)  # before any keyframe: dropped
+    feed.put(session, b"K1", keyframe=True)
+    for i in range(3):
+        feed.put(session, f"P{i}".encode(), keyframe=False)
+    feed.put(session, b"P9", keyframe=False)  # full: everything dropped, wait for a keyframe
+    feed.put(session, b"K2", keyframe=True)
+    assert feed.get(session, 0.1).data == b"K2"
+    assert feed.units_dropped == 1 + 4 + 1
+    feed.end(session)
+    with pytest.raises(PublisherGone):
+        feed.get(session, 0.1)
+
+
+def test_a_silent_publisher_is_replaced() -> None:
+    feed = PushFeed(stale_s=0.2)
+    first = feed.begin()
+    assert first is not None
+    time.sleep(0.3)  # a dashcam lost its network without hanging up
+    second = feed.begin()
+    assert second is not None and second != first
+    feed.put(first, b"K-old", keyframe=True)  # the old one's late data is ignored
+    feed.put(second, b"K-new", keyframe=True)
+    feed.end(first)  # the old connection finally times out: the new one goes on
+    assert feed.publishing and feed.get(second, 0.1).data == b"K-new"
