@@ -35,8 +35,8 @@ def run_serve(args: argparse.Namespace) -> int:
                      f"data in {settings.data_dir}\n")
     from gateway.streams import StreamSettings
 
-    stream_settings = StreamSettings(**({"rtsp_port": args.rtsp_port}
-                                        if args.rtsp_port is not None else {}))
+    given = {"rtsp_port": args.rtsp_port, "ice_advertised_host": args.advertise_host}
+    stream_settings = StreamSettings(**{k: v for k, v in given.items() if v is not None})
     rtsp_host = stream_settings.rtsp_host or settings.host
     sys.stderr.write(f"redact serve: live streams on rtsp://{rtsp_host}:"
                      f"{stream_settings.rtsp_port}/<name>\n")
@@ -94,6 +94,10 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--rtsp-port", type=int, default=None,
                    help="port of the RTSP server for live streams (default: 8554, or "
                         "$REDACT_RTSP_PORT)")
+    p.add_argument("--advertise-host", default=None, metavar="ADDRESS",
+                   help="public address WebRTC viewers reach this machine at, behind a "
+                        "one-to-one NAT (default: $REDACT_ICE_ADVERTISED_HOST; STUN/TURN "
+                        "servers: $REDACT_ICE_SERVERS)")
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="TOML file of cameras started with the service: [[stream]] tables "
                         "with name, source, categories, method, zones, outputs")

@@ -52,6 +52,7 @@ class StreamSettings(BaseSettings):
     rtsp_host: str | None = None  # address the RTSP server listens on (default: --host)
     public_rtsp_host: str | None = None  # host name put in rtsp_url (default: the listen host)
     ice_servers: list[dict[str, Any]] = Field(default_factory=list)  # [{"urls": [...]}, ...]
+    ice_advertised_host: str | None = None  # public address behind a one-to-one NAT
     viewer_token_ttl_s: int = Field(default=3600, ge=60)
     stream_delay_frames: int = Field(default=2, ge=0, le=30)
 
@@ -216,7 +217,8 @@ class StreamManager:
                           zones=[[(x, y) for x, y in z] for z in spec.zones], feed=feed)
         hub = WebRtcHub(live.request_keyframe,
                         [IceServer(s.get("urls", []), s.get("username"), s.get("credential"))
-                         for s in self.settings.ice_servers])
+                         for s in self.settings.ice_servers],
+                        self.settings.ice_advertised_host)
         r = Running(spec, live, hub)
         if feed is not None:
             r.publish = self.rtsp_server().add_publish_mount(

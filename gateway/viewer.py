@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Sequence
+from typing import Any
 
 _PAGE = """<!doctype html>
 <html lang="en">
@@ -35,7 +37,7 @@ let pc = null, session = null, retry = 1000;
 function q(url) { return url + "?token=" + encodeURIComponent(CONFIG.token); }
 
 async function connect() {
-  pc = new RTCPeerConnection();
+  pc = new RTCPeerConnection({ iceServers: CONFIG.iceServers });
   pc.addTransceiver("video", { direction: "recvonly" });
   pc.ontrack = (e) => { video.srcObject = e.streams[0] || new MediaStream([e.track]); };
   pc.onconnectionstatechange = () => {
@@ -97,8 +99,12 @@ poll();
 """
 
 
-def viewer_page(name: str, whep_path: str, stats_path: str, token: str) -> str:
-    config = json.dumps({"whep": whep_path, "stats": stats_path, "token": token})
+def viewer_page(name: str, whep_path: str, stats_path: str, token: str,
+                ice_servers: Sequence[dict[str, Any]] = ()) -> str:
+    """The viewer page; ``ice_servers`` (the service's STUN/TURN servers, as RTCIceServer
+    dictionaries) are given to the browser too, so a viewer behind NAT can use them."""
+    config = json.dumps({"whep": whep_path, "stats": stats_path, "token": token,
+                         "iceServers": list(ice_servers)})
     # the JSON goes inside a <script>: keep "</" out of it
     config = config.replace("</", "<\\/")
     return _PAGE.replace("__TITLE__", html.escape(name)).replace("__CONFIG__", config)

@@ -7,12 +7,19 @@ a viewer that falls behind skips to the next keyframe rather than decoding a bro
 
 Signalling is WHEP-shaped (see :class:`WebRtcHub`): an SDP offer in, an SDP answer out with its
 ICE candidates gathered (no trickle), a session id to hang up with.
+
+Behind a one-to-one NAT (a cloud machine with a public address, a container whose ports are
+forwarded one to one) the gateway's own addresses are private: ``advertised_host`` adds, for
+every host candidate, the same port at that address (first, so viewers try it first), the way
+media servers' "NAT 1:1 mapping" settings do. STUN and TURN servers are passed to aiortc.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -118,13 +125,46 @@ def _first_video_codec(sdp: str) -> str | None:
     return None
 
 
+async def _resolve(host: str) -> str:
+    """``host`` as an IPv4/IPv6 address (SDP candidates carry addresses, not names)."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+    if not infos:
+        raise WebRtcError(f"the advertised host {host!r} does not resolve")
+    return str(infos[0][4][0])
+
+
+def advertise(sdp: str, address: str) -> str:
+    """``sdp`` with, before each host candidate, a copy at ``address`` (same port, a higher
+    priority, its own foundation); the media's connection line names ``address`` too."""
+    out: list[str] = []
+    for line in sdp.split("\r\n"):
+        parts = line.split()
+        if (line.startswith("a=candidate:") and len(parts) >= 8 and parts[7] == "host"
+                and parts[4] != address):
+            foundation = parts[0].split(":", 1)[1]
+            priority = min(int(parts[3]) + 1, 2**31 - 1)
+            out.append(" ".join([f"a=candidate:{foundation}n", parts[1], parts[2],
+                                 str(priority), address, *parts[5:]]))
+        elif line.startswith("c=IN IP"):
+            family = "IP6" if ":" in address else "IP4"
+            line = f"c=IN {family} {address}"
+        out.append(line)
+    return "\r\n".join(out)
+
+
 class WebRtcHub:
     """The WebRTC viewers of one stream. Use from one asyncio event loop; :meth:`push` (the
     encoder's packet sink) may be called from any thread."""
 
     def __init__(self, request_keyframe: Callable[[], None] | None = None,
-                 ice_servers: Sequence[IceServer] = ()) -> None:
+                 ice_servers: Sequence[IceServer] = (),
+                 advertised_host: str | None = None) -> None:
         self._request_keyframe = request_keyframe
+        self._advertised_host = advertised_host
         self._last_key_request = 0.0
         self._ice_servers = list(ice_servers)
         self._sessions: dict[str, _Session] = {}
@@ -187,7 +227,10 @@ class WebRtcHub:
 
         self.keyframe()
         log.info("webrtc viewer %s joined (%d watching)", sid[:8], len(self._sessions))
-        return sid, pc.localDescription.sdp
+        sdp = pc.localDescription.sdp
+        if self._advertised_host:
+            sdp = advertise(sdp, await _resolve(self._advertised_host))
+        return sid, sdp
 
     async def hangup(self, sid: str) -> bool:
         s = self._sessions.pop(sid, None)

@@ -219,3 +219,13 @@ def test_a_camera_that_is_down_reconnects_and_the_definition_survives_a_restart(
         srv.stop()
     assert (tmp_path / "data" / "streams.json").exists()
     assert "kept" in (tmp_path / "data" / "streams.json").read_text()
+
+
+def test_the_viewer_page_hands_the_ice_servers_to_the_browser() -> None:
+    from gateway.viewer import viewer_page
+
+    turn = {"urls": ["turn:turn.example.org:3478"], "username": "u", "credential": "p"}
+    page = viewer_page("cam", "/w", "/s", "tok", [turn])
+    assert '"iceServers": [{"urls": ["turn:turn.example.org:3478"], "username": "u", ' \
+           '"credential": "p"}]' in page
+    assert "new RTCPeerConnection({ iceServers: CONFIG.iceServers })" in page

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from pipeline.webrtc import WebRtcError, WebRtcHub, _first_video_codec
+from pipeline.webrtc import WebRtcError, WebRtcHub, _first_video_codec, _resolve, advertise
 from tests import netns
 
 pytest.importorskip("aiortc")
@@ -55,3 +55,33 @@ def test_first_video_codec() -> None:
            "m=video 9 X 99 97\r\na=rtpmap:97 VP8/90000\r\na=rtpmap:99 H264/90000\r\n")
     assert _first_video_codec(sdp) == "H264"
     assert _first_video_codec("v=0\r\n") is None
+
+
+ANSWER = ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
+          "m=video 40000 UDP/TLS/RTP/SAVPF 102\r\nc=IN IP4 10.0.0.7\r\n"
+          "a=candidate:1a2b 1 udp 2130706431 10.0.0.7 40000 typ host\r\n"
+          "a=candidate:3c4d 1 udp 1694498815 198.51.100.1 40000 typ srflx raddr 10.0.0.7 "
+          "rport 40000\r\n"
+          "a=candidate:5e6f 1 udp 2130706430 172.17.0.2 40001 typ host\r\n")
+
+
+def test_the_advertised_host_is_offered_first_at_the_same_ports() -> None:
+    sdp = advertise(ANSWER, "203.0.113.5")
+    cands = [ln.split() for ln in sdp.split("\r\n") if ln.startswith("a=candidate:")]
+    hosts = {(c[4], c[5]) for c in cands if c[7] == "host"}
+    assert hosts == {("10.0.0.7", "40000"), ("203.0.113.5", "40000"),
+                     ("172.17.0.2", "40001"), ("203.0.113.5", "40001")}
+    # each added candidate sits before its private twin and outranks it
+    for i, c in enumerate(cands):
+        if c[4] == "203.0.113.5":
+            twin = cands[i + 1]
+            assert twin[5] == c[5] and int(c[3]) > int(twin[3])
+    assert len({c[0] for c in cands}) == len(cands)  # foundations stay distinct
+    assert "c=IN IP4 203.0.113.5" in sdp
+    assert sum(1 for c in cands if c[7] == "srflx") == 1  # other candidates kept as they were
+    assert "c=IN IP6 2001:db8::5" in advertise(ANSWER, "2001:db8::5")
+
+
+def test_a_host_name_is_resolved_for_the_answer() -> None:
+    assert asyncio.run(_resolve("localhost")) in ("127.0.0.1", "::1")
+    assert asyncio.run(_resolve("203.0.113.5")) == "203.0.113.5"

@@ -155,7 +155,8 @@ def viewer(stream_id: str, request: Request, service: ServiceDep, streams: Strea
            token: str | None = None) -> HTMLResponse:
     r = _viewer(request, service, streams, stream_id, token)
     return HTMLResponse(viewer_page(r.spec.name, f"/v1/streams/{stream_id}/whep",
-                                    f"/viewer/{stream_id}/stats", token or ""))
+                                    f"/viewer/{stream_id}/stats", token or "",
+                                    streams.settings.ice_servers))
 
 
 @router.get("/viewer/{stream_id}/stats", include_in_schema=False)
