@@ -299,9 +299,20 @@ class LiveStream:
         decoder = av.CodecContext.create("h264", "r")
         decoder.thread_type = "SLICE"
         freeze = _FreezeWatch(o.frozen_s)
+        need_key = True  # a new decoder (or one after a damaged unit) starts at a keyframe
         while not self._stop.is_set():
             unit = feed.get(session, o.read_timeout_s)
-            for vf in decoder.decode(av.Packet(unit.data)):
+            if need_key and not unit.keyframe:
+                continue
+            need_key = False
+            try:
+                decoded = decoder.decode(av.Packet(unit.data))
+            except av.InvalidDataError as exc:
+                log.warning("stream %s: a damaged frame from the publisher skipped (%s)",
+                            self.name, exc)
+                need_key = True
+                continue
+            for vf in decoded:
                 self._take(vf, freeze, unit.arrived)
 
     def _take(self, vf: av.VideoFrame, freeze: _FreezeWatch, arrived: float) -> None:

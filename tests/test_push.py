@@ -14,7 +14,7 @@ from engines.registry import VIDEO_PROFILE, build_detector
 from pipeline.live import LiveOptions, LiveStream, Status
 from pipeline.push import PublisherGone, PushFeed
 from pipeline.rtsp_server import RtspServer
-from tests.live_helpers import Publisher, read_stamp
+from tests.live_helpers import Publisher, read_stamp, stamp
 from tests.test_live import FILL, Player, assert_faces_covered, camera_frames
 
 pytest.importorskip("gi", reason="GStreamer's Python bindings (make setup installs them)")
@@ -142,3 +142,52 @@ def test_a_silent_publisher_is_replaced() -> None:
     feed.put(second, b"K-new", keyframe=True)
     feed.end(first)  # the old connection finally times out: the new one goes on
     assert feed.publishing and feed.get(second, 0.1).data == b"K-new"
+
+
+def test_damaged_data_from_the_publisher_is_skipped() -> None:
+    """Access units straight into the feed (no network): a garbage unit in the middle is
+    skipped, the stream stays live and every frame out is still redacted."""
+    import threading
+
+    import av
+    import numpy as np
+
+    from pipeline.frame import Frame
+    from pipeline.live_encode import EncodedPacket, LiveEncoder
+
+    cam = Publisher()
+    feed = PushFeed()
+    out: list[EncodedPacket] = []
+    stream = LiveStream("dash", "push", lambda: build_detector(("faces",), VIDEO_PROFILE), FILL,
+                        LiveOptions(read_timeout_s=2.0, width=320, height=240, fps=25),
+                        sinks=[out.append], feed=feed)
+    stream.start()
+    session = feed.begin()
+    assert session is not None
+    enc = LiveEncoder(320, 240, 25, gop_s=0.4)
+    rng = np.random.default_rng(1)
+
+    def publish() -> None:
+        for i in range(75):
+            px = cam.frames[i % len(cam.frames)].copy()
+            stamp(px, i)
+            f = Frame(i, px)
+            f.redacted = True  # the camera's picture, going in
+            for pkt in enc.encode(f, i / 25):
+                feed.put(session, pkt.data, pkt.keyframe)
+            if i == 30:  # a damaged unit, as a broken network path might deliver
+                feed.put(session, b"\x00\x00\x00\x01\x65" + rng.bytes(3000), True)
+            time.sleep(1 / 25)
+
+    t = threading.Thread(target=publish)
+    t.start()
+    t.join()
+    time.sleep(0.5)
+    stream.stop()
+    assert stream.stats.status is not Status.FAILED
+    dec = av.CodecContext.create("h264", "r")
+    frames = [vf.to_ndarray(format="bgr24") for p in out for vf in dec.decode(av.Packet(p.data))]
+    shown = camera_frames(frames)
+    stamps = [read_stamp(px) for px in shown]
+    assert len(shown) >= 50 and max(stamps) >= 70  # frames after the damage came through
+    assert_faces_covered(cam, frames, 50)
