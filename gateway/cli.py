@@ -100,7 +100,8 @@ def add_serve_parser(sub: Any) -> None:
                         "servers: $REDACT_ICE_SERVERS)")
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="TOML file of cameras started with the service: [[stream]] tables "
-                        "with name, source, categories, method, zones, outputs")
+                        "with name, source (an rtsp:// URL or \"push\"), categories, method, "
+                        "zones, outputs (rtsp, webrtc, record)")
     _data_dir_option(p)
     p.set_defaults(func=run_serve)
 

@@ -6,7 +6,9 @@ A stream's definition: ``name`` (also its RTSP path), ``source`` (an ``rtsp://``
 carry credentials; they never appear in answers, logs or metrics; or ``"push"``: the camera
 publishes to ``rtsp://HOST:PORT/<name>/publish`` with the user name and password of the stream's
 ``publish_url``), ``categories``, ``method``, ``zones`` (polygons always covered) and
-``outputs`` (``rtsp``, ``webrtc``).
+``outputs`` (``rtsp``, ``webrtc``, ``record``: MP4 segments in the data directory, see
+:mod:`pipeline.record`; as a mapping, ``"record": {"segment_s", "keep_hours", "max_gb"}``
+overrides the service's recording settings for the stream).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import threading
 import time
 import tomllib
@@ -35,12 +38,16 @@ from engines.redact import Method, Style
 from engines.registry import VIDEO_PROFILE, build_detector, resolve_categories
 from pipeline.live import LiveOptions, LiveStream, scrub_url
 from pipeline.push import PushFeed
+from pipeline.record import SegmentRecorder
 from pipeline.webrtc import IceServer, WebRtcHub
 
 log = logging.getLogger(__name__)
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-OUTPUTS = ("rtsp", "webrtc")
+OUTPUTS = ("rtsp", "webrtc", "record")
+DEFAULT_OUTPUTS = ("rtsp", "webrtc")
+RECORD_OPTIONS = {"segment_s": (1.0, 3600.0), "keep_hours": (0.0, 24.0 * 3650),
+                  "max_gb": (0.001, 1e6)}
 
 
 class StreamSettings(BaseSettings):
@@ -55,6 +62,11 @@ class StreamSettings(BaseSettings):
     ice_advertised_host: str | None = None  # public address behind a one-to-one NAT
     viewer_token_ttl_s: int = Field(default=3600, ge=60)
     stream_delay_frames: int = Field(default=2, ge=0, le=30)
+    # recording (outputs "record"): segments under record_dir/<stream id>/
+    record_dir: Path | None = None  # default: <data dir>/recordings
+    record_segment_s: float = Field(default=60.0, ge=1.0, le=3600.0)
+    record_keep_hours: float = Field(default=24.0 * 7, ge=0.0)  # 0: keep until max_gb
+    record_max_gb: float = Field(default=10.0, gt=0.0)  # per stream
 
 
 class StreamError(ValueError):
@@ -68,10 +80,11 @@ class StreamDef:
     categories: list[str]
     method: str = "blur"
     zones: list[list[list[float]]] = field(default_factory=list)
-    outputs: list[str] = field(default_factory=lambda: list(OUTPUTS))
+    outputs: list[str] = field(default_factory=lambda: list(DEFAULT_OUTPUTS))
     owner: str | None = None  # API key id; None for streams from the config file
     id: str = field(default_factory=lambda: "str_" + uuid.uuid4().hex[:16])
     created_at: float = field(default_factory=time.time)
+    record: dict[str, float] = field(default_factory=dict)  # per-stream recording settings
 
     @classmethod
     def parse(cls, data: dict[str, Any], owner: str | None) -> StreamDef:
@@ -91,14 +104,40 @@ class StreamDef:
         categories = list(resolve_categories(cats if isinstance(cats, list) else None))
         method = Method.parse(str(data.get("method") or "blur")).value
         zones = parse_zones(data.get("zones") or [])
-        outputs = data.get("outputs") or list(OUTPUTS)
-        if isinstance(outputs, dict):
-            outputs = [k for k, v in outputs.items() if v]
-        bad = [o for o in outputs if o not in OUTPUTS]
-        if bad:
-            raise StreamError(f"outputs: unknown {', '.join(map(str, bad))}; available: "
-                              f"{', '.join(OUTPUTS)} (recording is not available yet)")
-        return cls(name, source, categories, method, zones, list(outputs), owner)
+        outputs, record = parse_outputs(data.get("outputs"))
+        spec = cls(name, source, categories, method, zones, outputs, owner)
+        spec.record = record
+        return spec
+
+
+def parse_outputs(outputs: Any) -> tuple[list[str], dict[str, float]]:
+    """``outputs`` as a list of names, or a mapping of name -> true/false (``record`` may map
+    to its settings); returns the names and the recording settings."""
+    record: dict[str, float] = {}
+    if outputs is None or outputs == [] or outputs == {}:
+        return list(DEFAULT_OUTPUTS), record
+    if isinstance(outputs, dict):
+        rec = outputs.get("record")
+        if isinstance(rec, dict):
+            unknown = set(rec) - set(RECORD_OPTIONS)
+            if unknown:
+                raise StreamError(f"outputs.record: unknown {', '.join(sorted(unknown))}; "
+                                  f"available: {', '.join(RECORD_OPTIONS)}")
+            for k, v in rec.items():
+                lo, hi = RECORD_OPTIONS[k]
+                if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
+                    raise StreamError(f"outputs.record.{k}: a number from {lo:g} to {hi:g}")
+                record[k] = float(v)
+        names = [k for k, v in outputs.items() if v]
+    elif isinstance(outputs, list):
+        names = outputs
+    else:
+        raise StreamError("outputs: a list such as [\"rtsp\", \"webrtc\", \"record\"]")
+    bad = [o for o in names if o not in OUTPUTS]
+    if bad:
+        raise StreamError(f"outputs: unknown {', '.join(map(str, bad))}; available: "
+                          f"{', '.join(OUTPUTS)}")
+    return [str(o) for o in names], record
 
 
 def parse_zones(zones: Any) -> list[list[list[float]]]:
@@ -124,6 +163,7 @@ class Running:
     hub: WebRtcHub
     mount: Any = None
     publish: Any = None  # the publish mount of a "push" stream
+    recorder: SegmentRecorder | None = None
 
 
 class StreamManager:
@@ -185,6 +225,8 @@ class StreamManager:
             self._streams.clear()
         for r in running:
             r.live.stop(timeout=3)
+            if r.recorder is not None:
+                r.recorder.close()  # the open segment is finished, not lost
         if self._rtsp is not None:
             self._rtsp.close()
             self._rtsp = None
@@ -229,11 +271,26 @@ class StreamManager:
             live.add_sink(r.mount.push)
         if "webrtc" in spec.outputs:
             live.add_sink(hub.push)
+        if "record" in spec.outputs:
+            r.recorder = self._recorder(spec)
+            live.add_sink(r.recorder.push)
         live.start()
         with self._lock:
             self._streams[spec.id] = r
         log.info("stream %s started from %s", spec.name, scrub_url(spec.source))
         return r
+
+    @property
+    def record_dir(self) -> Path:
+        return self.settings.record_dir or self.data_dir / "recordings"
+
+    def _recorder(self, spec: StreamDef) -> SegmentRecorder:
+        st = self.settings
+        keep_h = spec.record.get("keep_hours", st.record_keep_hours)
+        return SegmentRecorder(self.record_dir / spec.id,
+                               segment_s=spec.record.get("segment_s", st.record_segment_s),
+                               keep_s=keep_h * 3600 if keep_h > 0 else None,
+                               max_bytes=int(spec.record.get("max_gb", st.record_max_gb) * 1e9))
 
     def get(self, stream_id: str, owner: str | None) -> Running | None:
         r = self._streams.get(stream_id)
@@ -274,6 +331,10 @@ class StreamManager:
         if r.mount is not None or r.publish is not None:
             self.rtsp_server().remove_mount(r.spec.name)
         r.live.stop(timeout=3)
+        if r.recorder is not None:
+            r.recorder.close()
+            # a deleted stream's recordings go with it (nothing kept that no one can reach)
+            shutil.rmtree(r.recorder.directory, ignore_errors=True)
 
     # urls and viewer tokens -------------------------------------------------------------------
     def rtsp_url(self, r: Running) -> str | None:
@@ -326,7 +387,13 @@ class StreamManager:
             "viewer_url": None,
             "created_at": r.spec.created_at,
             "stats": {**stats, "viewers": viewers},
+            "recordings_url": f"{base_url}/v1/streams/{r.spec.id}/recordings"
+            if r.recorder is not None else None,
         }
+        if r.recorder is not None:
+            rec = r.recorder.stats
+            out["stats"]["recording"] = {k: rec[k] for k in (
+                "recording", "segments_written", "packets_dropped", "last_error")}
         if r.publish is not None:
             out["stats"]["publisher_connected"] = r.publish.feed.publishing
         if with_token and "webrtc" in r.spec.outputs:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import av
 import httpx
 import pytest
 
@@ -161,12 +162,65 @@ def test_a_push_stream_takes_a_publishing_camera(client: httpx.Client, key: ApiK
         cam.stop()
 
 
+def test_a_recorded_stream_keeps_redacted_mp4_segments(
+        client: httpx.Client, key: ApiKeyInfo, camera: Camera, server: ThreadServer,
+        tmp_path: Path) -> None:
+    r = client.post("/v1/streams", headers=key.headers, json={
+        "name": "rec-1", "source": camera.url, "categories": ["faces"], "method": "fill",
+        "outputs": {"rtsp": False, "record": {"segment_s": 1}}})
+    assert r.status_code == 201, r.text
+    s = r.json()
+    assert s["outputs"] == ["record"] and s["rtsp_url"] is None
+    _wait_live(client, key, s["id"])
+    listing: dict[str, object] = {}
+    end = time.monotonic() + 20
+    while time.monotonic() < end:
+        listing = client.get(s["recordings_url"].replace(server.url, ""),
+                             headers=key.headers).json()
+        if len(listing["data"]) >= 2:  # type: ignore[arg-type]
+            break
+        time.sleep(0.3)
+    segments = listing["data"]
+    assert isinstance(segments, list) and len(segments) >= 2 and listing["recording"] is True
+    assert other_key_cannot(client, server, s["recordings_url"].replace(server.url, ""))
+    for seg in segments[:2]:
+        assert 0.5 < seg["duration_s"] < 3 and seg["bytes"] > 1000
+        assert seg["name"].endswith("Z.mp4") and seg["started_at"].endswith("Z")
+        got = client.get(seg["download_url"].replace(server.url, ""), headers=key.headers)
+        assert got.status_code == 200 and got.headers["content-type"] == "video/mp4"
+        path = tmp_path / seg["name"]
+        path.write_bytes(got.content)
+        with av.open(str(path)) as c:
+            frames = [f.to_ndarray(format="bgr24") for f in c.decode(video=0)]
+        shown = camera_frames(frames)
+        assert len(shown) >= 15  # about 25 frames a second of camera
+        for px in shown:  # the recording holds the redacted picture only
+            assert fill_fraction(region(px, camera.face(read_stamp(px))), (0, 0, 0),
+                                 tol=40) > 0.9
+    rec_url = s["recordings_url"].replace(server.url, "")
+    assert client.get(f"{rec_url}/..%2Fstreams.json", headers=key.headers).status_code == 404
+    assert client.get(f"{rec_url}/20990101T000000Z.mp4", headers=key.headers).status_code == 404
+    stats = client.get(f"/v1/streams/{s['id']}", headers=key.headers).json()["stats"]
+    assert stats["recording"]["segments_written"] >= 2 and not stats["recording"]["last_error"]
+    # deleting the stream deletes its recordings
+    assert client.delete(f"/v1/streams/{s['id']}", headers=key.headers).status_code == 204
+    assert not (server.settings.data_dir / "recordings" / s["id"]).exists()
+
+
+def other_key_cannot(client: httpx.Client, server: ThreadServer, url: str) -> bool:
+    return client.get(url, headers=server.key(name="o3").headers).status_code == 404
+
+
 @pytest.mark.parametrize(("body", "code", "message"), [
     ({"name": "Bad Name!", "source": "rtsp://h/x"}, "invalid_stream", "name"),
     ({"name": "a", "source": "http://h/x"}, "invalid_stream", "rtsp://"),
     ({"name": "a", "source": "pull"}, "invalid_stream", "push"),
-    ({"name": "a", "source": "rtsp://h/x", "outputs": ["record"]}, "invalid_stream",
-     "recording"),
+    ({"name": "a", "source": "rtsp://h/x", "outputs": ["hls"]}, "invalid_stream",
+     "available: rtsp, webrtc, record"),
+    ({"name": "a", "source": "rtsp://h/x", "outputs": {"record": {"segment_s": 0}}},
+     "invalid_stream", "outputs.record.segment_s"),
+    ({"name": "a", "source": "rtsp://h/x", "outputs": {"record": {"days": 3}}},
+     "invalid_stream", "unknown days"),
     ({"name": "a", "source": "rtsp://h/x", "categories": ["tattoos"]}, "unknown_category",
      "available: faces"),
     ({"name": "a", "source": "rtsp://h/x", "method": "smudge"}, "invalid_stream", "method"),

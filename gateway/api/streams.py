@@ -1,19 +1,21 @@
 """Live streams: ``/v1/streams`` (create, list, read, change, delete), viewer tokens, WHEP
-signalling for WebRTC viewers, and the viewer page."""
+signalling for WebRTC viewers, recordings, and the viewer page."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from engines.errors import UnknownCategoryError
 from gateway.auth import ServiceDep, current_key
 from gateway.errors import ApiError
+from gateway.jobs import iso
 from gateway.store import ApiKey
 from gateway.streams import Running, StreamError, StreamManager
 from gateway.viewer import STREAMS_PAGE, viewer_page
+from pipeline.record import NAME_RE
 from pipeline.webrtc import WebRtcError
 
 router = APIRouter(tags=["streams"])
@@ -99,6 +101,35 @@ async def delete_stream(stream_id: str, request: Request, streams: StreamsDep,
     key = current_key(request, service)
     await streams.delete(_stream(streams, stream_id, key.id))
     return Response(status_code=204)
+
+
+def _recorder(r: Running) -> Any:
+    if r.recorder is None:
+        raise ApiError(404, "not_found", "this stream is not recorded (outputs: \"record\")")
+    return r.recorder
+
+
+@router.get("/v1/streams/{stream_id}/recordings", summary="A stream's recorded MP4 segments")
+def list_recordings(stream_id: str, request: Request, key: KeyDep,
+                    streams: StreamsDep) -> dict[str, Any]:
+    r = _stream(streams, stream_id, key.id)
+    rec = _recorder(r)
+    base = f"{_base(request)}/v1/streams/{r.spec.id}/recordings"
+    return {"data": [{"name": seg.path.name, "started_at": iso(seg.start),
+                      "ended_at": iso(seg.end), "duration_s": round(seg.duration_s, 3),
+                      "bytes": seg.bytes, "download_url": f"{base}/{seg.path.name}"}
+                     for seg in rec.segments()],
+            "recording": rec.stats["recording"]}
+
+
+@router.get("/v1/streams/{stream_id}/recordings/{name}", summary="Download one segment",
+            response_class=FileResponse)
+def get_recording(stream_id: str, name: str, key: KeyDep, streams: StreamsDep) -> FileResponse:
+    rec = _recorder(_stream(streams, stream_id, key.id))
+    path = rec.directory / name
+    if not NAME_RE.match(name) or not path.is_file():
+        raise ApiError(404, "not_found", f"no finished segment {name!r}")
+    return FileResponse(path, media_type="video/mp4", filename=name)
 
 
 @router.post("/v1/streams/{stream_id}/viewer-token", summary="A short-lived viewer link")
