@@ -256,6 +256,7 @@ def run_restarts(cycles: int, down_s: float, width: int, height: int,
             "player_stayed_connected": alive, "player_frames": frames[0],
             "resources_first": samples[1] if len(samples) > 1 else samples[0],
             "resources_last": samples[-1], "resources_before": samples[0],
+            "rss_mib_by_cycle": [x["rss_mib"] for x in samples],
             "reconnects": stats["reconnects"], "placeholders": stats["placeholders"],
             "player_error": error[0] if error else ""}
 

@@ -59,6 +59,17 @@ def _wait_live(client: httpx.Client, key: ApiKeyInfo, sid: str) -> dict[str, obj
     raise AssertionError(body)
 
 
+def assert_played_faces_black(rtsp_url: str, camera: Camera) -> None:
+    """An RTSP player of ``rtsp_url`` sees the camera's face filled black on every frame."""
+    player = Player(rtsp_url)
+    player.wait_frames(30)
+    player.stop()
+    shown = camera_frames(player.frames)
+    assert len(shown) >= 20
+    for px in shown:
+        assert fill_fraction(region(px, camera.face(read_stamp(px))), (0, 0, 0), tol=40) > 0.9
+
+
 def test_stream_lifecycle(client: httpx.Client, key: ApiKeyInfo, camera: Camera,
                           server: ThreadServer) -> None:
     source = camera.url.replace("rtsp://", "rtsp://admin:hunter2@")
@@ -75,13 +86,7 @@ def test_stream_lifecycle(client: httpx.Client, key: ApiKeyInfo, camera: Camera,
     live = _wait_live(client, key, s["id"])
     assert "hunter2" not in str(live)
     # filled black: the face region is black on every frame the player shows
-    player = Player(s["rtsp_url"])
-    player.wait_frames(30)
-    player.stop()
-    shown = camera_frames(player.frames)
-    assert len(shown) >= 20
-    for px in shown:
-        assert fill_fraction(region(px, camera.face(read_stamp(px))), (0, 0, 0), tol=40) > 0.9
+    assert_played_faces_black(s["rtsp_url"], camera)
     stats = client.get(f"/v1/streams/{s['id']}", headers=key.headers).json()["stats"]
     assert stats["frames_redacted"] > 0 and stats["output_fps"] > 0
     assert set(stats) >= {"input_fps", "output_fps", "latency_ms_p50", "latency_ms_p95",
@@ -144,14 +149,9 @@ def test_a_push_stream_takes_a_publishing_camera(client: httpx.Client, key: ApiK
     cam = Publisher().publish(pub_url)
     try:
         live = _wait_live(client, key, s["id"])
-        assert live["stats"]["publisher_connected"] is True
-        player = Player(s["rtsp_url"])
-        player.wait_frames(30)
-        player.stop()
-        shown = camera_frames(player.frames)
-        assert len(shown) >= 20
-        for px in shown:
-            assert fill_fraction(region(px, cam.face(read_stamp(px))), (0, 0, 0), tol=40) > 0.9
+        pub_stats = live["stats"]
+        assert isinstance(pub_stats, dict) and pub_stats["publisher_connected"] is True
+        assert_played_faces_black(s["rtsp_url"], cam)
         # deleting the stream hangs up on the camera
         assert client.delete(f"/v1/streams/{s['id']}", headers=key.headers).status_code == 204
         end = time.monotonic() + 10

@@ -15,13 +15,15 @@ from pipeline.live import LiveOptions, LiveStream, Status
 from pipeline.push import PublisherGone, PushFeed
 from pipeline.rtsp_server import RtspServer
 from tests.live_helpers import Publisher, read_stamp, stamp
-from tests.test_live import FILL, Player, assert_faces_covered, camera_frames
+from tests.test_live import FILL, Gateway, Player, assert_faces_covered, camera_frames
 
 pytest.importorskip("gi", reason="GStreamer's Python bindings (make setup installs them)")
 
 
-class PushGateway:
-    def __init__(self) -> None:
+class PushGateway(Gateway):
+    """A "push" live stream published on a fresh RTSP server at /dash, fed from /dash/publish."""
+
+    def __init__(self) -> None:  # the pull Gateway's set-up does not apply here
         self.server = RtspServer(port=0)
         self.out = self.server.add_mount("dash")
         self.feed = PushFeed()
@@ -35,16 +37,6 @@ class PushGateway:
 
     def url(self, password: str = "s3cret") -> str:
         return self.pub.url.replace("rtsp://", f"rtsp://dash:{password}@")
-
-    def wait_status(self, status: Status, timeout: float = 15.0) -> None:
-        end = time.monotonic() + timeout
-        while self.stream.stats.status is not status and time.monotonic() < end:
-            time.sleep(0.05)
-        assert self.stream.stats.status is status, self.stream.stats.as_dict()
-
-    def close(self) -> None:
-        self.stream.stop()
-        self.server.close()
 
 
 @pytest.fixture
