@@ -44,6 +44,21 @@ def test_one_encode_serves_every_viewer(three_viewers: dict[str, object]) -> Non
     assert encoded < 2 * 40 + 60  # stream start-up placeholders included
 
 
+def test_a_viewer_reaches_a_gateway_behind_a_port_forward() -> None:
+    """The gateway advertises an address it does not have (a UDP port forward's public side);
+    the viewer is told only that address and the gateway only sees the viewer through the
+    forward: the redacted picture comes through it."""
+    why = netns.available()
+    if why:
+        pytest.skip(why)
+    r = netns.run_python("tests.webrtc_probe", "1", "30", "forwarded")
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    (v,) = result["viewers"]
+    assert v["frames"] >= 25 and v["min_face_covered"] > 0.9
+    assert result["forwarded"]["out"] > 25  # the media came through the forward
+
+
 def test_an_offer_without_video_is_refused() -> None:
     offer = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
     with pytest.raises(WebRtcError, match="no video"):
