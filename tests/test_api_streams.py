@@ -283,3 +283,29 @@ def test_the_viewer_page_hands_the_ice_servers_to_the_browser() -> None:
     assert '"iceServers": [{"urls": ["turn:turn.example.org:3478"], "username": "u", ' \
            '"credential": "p"}]' in page
     assert "new RTCPeerConnection({ iceServers: CONFIG.iceServers })" in page
+
+
+def test_a_push_camera_keeps_its_publish_url_across_restarts(tmp_path: Path) -> None:
+    """A dashcam is configured once: the publish URL of a push stream, from the config file or
+    the API, is the same after the service restarts."""
+    cfg = tmp_path / "cameras.toml"
+    cfg.write_text('[[stream]]\nname = "van-3"\nsource = "push"\n')
+    urls: list[dict[str, str]] = []
+    key: ApiKeyInfo | None = None
+    for _ in range(2):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("REDACT_RTSP_PORT", "0")
+            srv = ThreadServer(Settings(data_dir=tmp_path / "data", workers=1), cfg).start()
+        try:
+            key = key or srv.key()  # the key (kept in the data directory) outlives the restart
+            with httpx.Client(base_url=srv.url, timeout=30) as c:
+                if not urls:
+                    assert c.post("/v1/streams", headers=key.headers, json={
+                        "name": "van-4", "source": "push"}).status_code == 201
+                data = c.get("/v1/streams", headers=key.headers).json()["data"]
+                # the RTSP port is picked afresh here (port 0); the credentials and path stay
+                urls.append({s["name"]: s["publish_url"].rsplit(":", 1)[0] + "/" +
+                             s["publish_url"].split("/", 3)[3] for s in data})
+        finally:
+            srv.stop()
+    assert set(urls[0]) == {"van-3", "van-4"} and urls[0] == urls[1]
