@@ -105,9 +105,7 @@ class StreamDef:
         method = Method.parse(str(data.get("method") or "blur")).value
         zones = parse_zones(data.get("zones") or [])
         outputs, record = parse_outputs(data.get("outputs"))
-        spec = cls(name, source, categories, method, zones, outputs, owner)
-        spec.record = record
-        return spec
+        return cls(name, source, categories, method, zones, outputs, owner, record=record)
 
 
 def parse_outputs(outputs: Any) -> tuple[list[str], dict[str, float]]:

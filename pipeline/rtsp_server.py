@@ -144,6 +144,7 @@ class PublishMount:
         self.feed = feed
         self.refused = 0  # second publishers turned away
         self.client: Any = None  # the publishing RTSP connection
+        self.basic: str = ""  # its credentials, as the server's authenticator keeps them
         self._pending: dict[str, int | None] | None = None
 
     @property
@@ -277,9 +278,8 @@ class RtspServer:
             self._allow(factory, role, construct=True)
             token = self._GstRtspServer.RTSPToken.new()
             token.set_string("media.factory.role", role)
-            basic = self._GstRtspServer.RTSPAuth.make_basic(user, password)
-            self._auth.add_basic(basic, token)
-            mount.basic = basic  # type: ignore[attr-defined]
+            mount.basic = self._GstRtspServer.RTSPAuth.make_basic(user, password)
+            self._auth.add_basic(mount.basic, token)
             factory.connect("media-configure", mount._configure)
             self._server.get_mount_points().add_factory(path, factory)
             self._publish[path] = mount
@@ -300,7 +300,7 @@ class RtspServer:
             pub = self._publish.pop(path + "/publish", None)
             if pub is not None:
                 self._server.get_mount_points().remove_factory(pub.path)
-                self._auth.remove_basic(pub.basic)  # type: ignore[attr-defined]
+                self._auth.remove_basic(pub.basic)
         if pub is not None:
             client = pub.client
             if client is not None:
@@ -360,4 +360,3 @@ class RtspServer:
             src.destroy()
         self._loop.quit()
         self._thread.join(timeout=5)
-
