@@ -309,3 +309,23 @@ def test_a_push_camera_keeps_its_publish_url_across_restarts(tmp_path: Path) -> 
         finally:
             srv.stop()
     assert set(urls[0]) == {"van-3", "van-4"} and urls[0] == urls[1]
+
+
+def test_a_recording_is_finished_when_the_service_stops(tmp_path: Path, camera: Camera) -> None:
+    """Stopping the service finishes the open segment: a playable MP4, no leftover part."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REDACT_RTSP_PORT", "0")
+        srv = ThreadServer(Settings(data_dir=tmp_path / "data", workers=1)).start()
+    try:
+        key = srv.key()
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            s = c.post("/v1/streams", headers=key.headers, json={
+                "name": "short", "source": camera.url, "outputs": ["record"]}).json()
+            _wait_live(c, key, s["id"])
+            time.sleep(1.5)  # well inside the first (60 s) segment
+    finally:
+        srv.stop()
+    files = sorted((tmp_path / "data" / "recordings" / s["id"]).iterdir())
+    assert [f.suffix for f in files] == [".mp4"], files
+    with av.open(str(files[0])) as c:
+        assert sum(1 for _ in c.decode(video=0)) >= 20
