@@ -33,6 +33,7 @@ def create_app(settings: Settings | None = None, streams_config: Path | None = N
     settings = settings or Settings()
     service = Service(settings)
     streams = StreamManager(settings.data_dir, settings.host, stream_settings, streams_config)
+    service.metrics.watch_streams(streams)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

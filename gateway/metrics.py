@@ -4,12 +4,18 @@ one process, as in tests)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.store import JOB_STATES, Store
+
+if TYPE_CHECKING:
+    from gateway.streams import StreamManager
+
+STREAM_STATES = ("connecting", "live", "reconnecting", "stopped", "failed")
 
 
 class _StoreCollector(Collector):
@@ -38,6 +44,56 @@ class _StoreCollector(Collector):
         yield deliveries
 
 
+class _StreamCollector(Collector):
+    """Live streams at scrape time, labelled by stream name (never by source: camera URLs may
+    hold credentials)."""
+
+    GAUGES = (("input_fps", "redact_stream_input_fps", "Frames per second from the camera"),
+              ("output_fps", "redact_stream_output_fps", "Frames per second sent out"),
+              ("latency_ms_p50", "redact_stream_latency_p50_ms",
+               "Median time from a frame's arrival to its encode, ms"),
+              ("latency_ms_p95", "redact_stream_latency_p95_ms",
+               "95th percentile time from a frame's arrival to its encode, ms"),
+              ("viewers", "redact_stream_viewers", "RTSP players and WebRTC viewers"))
+    COUNTERS = (("frames_in", "redact_stream_frames_in", "Frames decoded from the camera"),
+                ("frames_out", "redact_stream_frames_out", "Frames encoded and sent out"),
+                ("frames_redacted", "redact_stream_frames_redacted", "Frames redacted"),
+                ("frames_dropped", "redact_stream_frames_dropped",
+                 "Frames dropped because redaction fell behind (never sent)"),
+                ("frames_covered", "redact_stream_frames_covered",
+                 "Frames covered whole because detection failed"),
+                ("placeholders", "redact_stream_placeholders",
+                 "'No signal' frames sent while nothing redacted was ready"),
+                ("reconnects", "redact_stream_reconnects", "Camera reconnection attempts"))
+
+    def __init__(self, streams: Callable[[], StreamManager | None]) -> None:
+        self._streams = streams
+
+    def collect(self) -> Iterator[Any]:
+        manager = self._streams()
+        if manager is None:
+            return
+        rows = [(r.spec.name, manager.describe(r, "", with_token=False))
+                for r in manager.list(None)]
+        status = GaugeMetricFamily("redact_stream_status", "1 for the stream's current status",
+                                   labels=["stream", "status"])
+        for name, d in rows:
+            for state in STREAM_STATES:
+                status.add_metric([name, state], 1.0 if d["status"] == state else 0.0)
+        yield status
+        for key, metric, doc in self.GAUGES:
+            g = GaugeMetricFamily(metric, doc, labels=["stream"])
+            for name, d in rows:
+                if d["stats"].get(key) is not None:
+                    g.add_metric([name], float(d["stats"][key]))
+            yield g
+        for key, metric, doc in self.COUNTERS:
+            c = CounterMetricFamily(metric, doc, labels=["stream"])
+            for name, d in rows:
+                c.add_metric([name], float(d["stats"][key]))
+            yield c
+
+
 class Metrics:
     """The counters and histograms the service updates as it works."""
 
@@ -62,6 +118,12 @@ class Metrics:
                                registry=self.registry)
         self.upload_bytes = Counter("redact_upload_bytes", "Bytes of accepted uploads",
                                     registry=self.registry)
+        self._streams: StreamManager | None = None
+        self.registry.register(_StreamCollector(lambda: self._streams))
         self.webhook_attempts = Counter("redact_webhook_attempts",
                                         "Webhook delivery attempts by outcome", ["outcome"],
                                         registry=self.registry)
+
+    def watch_streams(self, streams: StreamManager) -> None:
+        """Expose ``streams``' live figures at scrape time."""
+        self._streams = streams

@@ -91,6 +91,12 @@ def test_stream_lifecycle(client: httpx.Client, key: ApiKeyInfo, camera: Camera,
     assert stats["frames_redacted"] > 0 and stats["output_fps"] > 0
     assert set(stats) >= {"input_fps", "output_fps", "latency_ms_p50", "latency_ms_p95",
                           "frames_redacted", "detector_calls_per_frame", "reconnects", "viewers"}
+    metrics = client.get("/metrics").text
+    assert 'redact_stream_status{status="live",stream="gate-1"} 1.0' in metrics
+    redacted = [ln for ln in metrics.splitlines()
+                if ln.startswith('redact_stream_frames_redacted_total{stream="gate-1"}')]
+    assert redacted and float(redacted[0].split()[-1]) > 0
+    assert "hunter2" not in metrics and "admin" not in metrics
 
     r = client.patch(f"/v1/streams/{s['id']}", headers=key.headers,
                      json={"zones": [[[0, 0.75], [1, 0.75], [1, 1], [0, 1]]]})
