@@ -295,8 +295,9 @@ class LiveStream:
                 return
             session = feed.wait_publisher(0.5)
         if self._fps is None:
-            self._fps = 30.0  # raw H.264 carries no reliable rate; output follows arrivals
-        decoder = av.CodecContext.create("h264", "r")
+            self._fps = 30.0  # raw H.264/H.265 has no reliable rate; output follows arrivals
+        decoder = av.CodecContext.create(feed.codec, "r")
+        assert isinstance(decoder, av.VideoCodecContext)
         decoder.thread_type = "SLICE"
         freeze = _FreezeWatch(o.frozen_s)
         need_key = True  # a new decoder (or one after a damaged unit) starts at a keyframe

@@ -1,8 +1,9 @@
-"""Push ingest: a camera (a dashcam, a phone app, ``ffmpeg -f rtsp``) publishes H.264 to the
-gateway with RTSP ANNOUNCE/RECORD instead of the gateway pulling from it.
+"""Push ingest: a camera (a dashcam, a phone app, ``ffmpeg -f rtsp``) publishes H.264 or H.265
+video (audio, if any, is dropped) to the gateway with RTSP ANNOUNCE/RECORD instead of the gateway
+pulling from it.
 
 The RTSP server (:meth:`pipeline.rtsp_server.RtspServer.add_publish_mount`) depayloads what the
-publisher sends into H.264 access units and hands each to a :class:`PushFeed`; the stream's
+publisher sends into access units and hands each to a :class:`PushFeed`; the stream's
 reader thread takes them from the feed, decodes them with PyAV and goes on exactly as for a
 pulled camera (detection, redaction, one encode). One publisher at a time: a second one is
 refused while the first is sending; one that went silent (a dashcam that lost its network
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class PushedUnit:
-    data: bytes  # one H.264 access unit, Annex B
+    data: bytes  # one H.264/H.265 access unit, Annex B
     keyframe: bool
     arrived: float  # monotonic time it came off the network
 
@@ -44,6 +45,7 @@ class PushFeed:
         self._session = 0  # counts publishers; the reader notices a new one
         self._publishing = False
         self._waiting_for_key = True
+        self.codec = "h264"  # of the current publisher's video
         self.units_in = 0
         self.units_dropped = 0
         self.publishers = 0
@@ -62,11 +64,13 @@ class PushFeed:
         return self._publishing and time.monotonic() - self._last_unit < self._stale_s
 
     # from the RTSP server ------------------------------------------------------------------
-    def begin(self) -> int | None:
-        """A publisher starts: its session number, or None when another one is sending."""
+    def begin(self, codec: str = "h264") -> int | None:
+        """A publisher of ``codec`` video (FFmpeg's decoder name: h264, hevc) starts: its
+        session number, or None when another one is sending."""
         with self._cv:
             if self._busy():
                 return None
+            self.codec = codec
             self._publishing = True
             self._last_unit = time.monotonic()
             self._session += 1

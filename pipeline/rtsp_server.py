@@ -14,10 +14,11 @@ GStreamer and PyGObject come from Debian packages (``gir1.2-gst-rtsp-server-1.0`
 ``gstreamer1.0-plugins-{base,good,bad}``) and ``pip install 'pygobject<3.51'``; they are imported
 when a server is created, with an error that says how to install them when missing.
 
-Publish mounts (``rtsp://HOST:PORT/<name>/publish``, see :mod:`pipeline.push`) take H.264 from a
-camera that pushes (ANNOUNCE/RECORD) with a user name and password (RTSP basic authentication);
-play mounts stay open to any player, as before. A second publisher on a busy mount is refused
-with 503.
+Publish mounts (``rtsp://HOST:PORT/<name>/publish``, see :mod:`pipeline.push`) take H.264 or
+H.265 video from a camera that pushes (ANNOUNCE/RECORD) with a user name and password (RTSP basic
+authentication); its other streams (audio) are accepted and dropped. Play mounts stay open to any
+player, as before. A second publisher on a busy mount is refused with 503, one without H.264 or
+H.265 video with 415.
 """
 
 from __future__ import annotations
@@ -38,9 +39,12 @@ _LAUNCH = ("( appsrc name=src is-live=true format=time do-timestamp=true block=f
            "! rtph264pay name=pay0 pt=96 config-interval=-1 )")
 
 
-_RECORD_LAUNCH = ("( rtph264depay name=depay0 ! h264parse config-interval=-1 ! "
-                  "video/x-h264,stream-format=byte-stream,alignment=au ! "
-                  "appsink name=sink emit-signals=true sync=false max-buffers=120 drop=false )")
+# a publish mount's media starts empty: its streams are made from the publisher's SDP (one per
+# m= line, as the server requires; the video is depayloaded and parsed into access units for the
+# stream's decoder, anything else (audio, data) goes to a fakesink)
+_RECORD_LAUNCH = "( bin name=publish )"
+_PUBLISH_CODECS = {"H264": ("rtph264depay", "h264parse", "video/x-h264", "h264"),
+                   "H265": ("rtph265depay", "h265parse", "video/x-h265", "hevc")}
 _ANONYMOUS = "anonymous"
 
 
@@ -145,60 +149,108 @@ class PublishMount:
         self.refused = 0  # second publishers turned away
         self.client: Any = None  # the publishing RTSP connection
         self.basic: str = ""  # its credentials, as the server's authenticator keeps them
-        self._pending: dict[str, int | None] | None = None
 
     @property
     def url(self) -> str:
         """The URL without credentials (the publisher adds ``user:password@``)."""
         return f"rtsp://{self.server.host}:{self.server.port}{self.path}"
 
-    def _configure(self, factory: Any, media: Any) -> None:
-        """A publisher's ANNOUNCE built a media (before the ANNOUNCE is answered): its data
-        counts once :meth:`_announce` lets the publisher in."""
-        Gst = self.server.Gst
-        cell: dict[str, int | None] = {"session": None}
-        self._pending = cell
-        sink = media.get_element().get_child_by_name("sink")
+    def _announce(self, client: Any, ctx: Any) -> Any:
+        """An authenticated ANNOUNCE (its media built, its SDP not yet applied): the status to
+        answer with. 415 without H.264/H.265 video, 503 while another publisher sends."""
+        from gi.repository import GstRtsp
 
-        def on_sample(appsink: Any) -> Any:
-            sample = appsink.emit("pull-sample")
-            if sample is None:
-                return Gst.FlowReturn.EOS
-            session = cell["session"]
-            if session is None:
-                return Gst.FlowReturn.OK
-            buf = sample.get_buffer()
-            ok, info = buf.map(Gst.MapFlags.READ)
-            if ok:
-                try:
-                    self.feed.put(session, bytes(info.data),
-                                  not buf.has_flags(Gst.BufferFlags.DELTA_UNIT))
-                finally:
-                    buf.unmap(info)
-            return Gst.FlowReturn.OK
-
-        sink.connect("new-sample", on_sample)
-
-        def unprepared(media: Any) -> None:
-            if cell["session"] is not None:
-                self.feed.end(cell["session"])
-                log.info("rtsp %s: the publisher left", self.path)
-
-        media.connect("unprepared", unprepared)
-
-    def _announce(self, client: Any) -> bool:
-        """An authenticated ANNOUNCE: False (busy) when another publisher is sending."""
-        cell, self._pending = self._pending, None
-        session = self.feed.begin()
+        Status = GstRtsp.RTSPStatusCode
+        _, body = ctx.request.get_body()  # (GstRTSPResult, bytes): OK is 0
+        medias = sdp_medias(bytes(body or b"").decode("utf-8", "replace"))
+        video = next((i for i, (kind, codec) in enumerate(medias)
+                      if kind == "video" and codec in _PUBLISH_CODECS), None)
+        if video is None:
+            log.warning("rtsp %s: a publisher without H.264/H.265 video is refused (%s)",
+                        self.path, medias)
+            return Status.UNSUPPORTED_MEDIA_TYPE
+        codec = _PUBLISH_CODECS[medias[video][1]]
+        session = self.feed.begin(codec[3])
         if session is None:
             self.refused += 1
             log.warning("rtsp %s: a second publisher is refused (busy)", self.path)
-            return False
-        if cell is not None:
-            cell["session"] = session
+            return Status.SERVICE_UNAVAILABLE
+        try:
+            self._build(ctx.media, len(medias), video, codec, session)
+        except Exception:
+            self.feed.end(session)
+            raise
         self.client = client
-        log.info("rtsp %s: a publisher started", self.path)
-        return True
+        log.info("rtsp %s: a publisher started (%s)", self.path, medias[video][1])
+        return Status.OK
+
+    def _build(self, media: Any, n: int, video: int, codec: tuple[str, str, str, str],
+               session: int) -> None:
+        Gst = self.server.Gst
+        top = media.get_element()
+
+        def make(factory: str, name: str | None = None, **props: Any) -> Any:
+            el = Gst.ElementFactory.make(factory, name)
+            if el is None:
+                raise RtspUnavailableError(f"GStreamer has no {factory} element")
+            for k, v in props.items():
+                el.set_property(k, v)
+            top.add(el)
+            return el
+
+        for i in range(n):
+            if i != video:  # audio or data: taken and dropped
+                sink = make("fakesink", f"depay{i}", sync=False, **{"async": False})
+                media.create_stream(sink, sink.get_static_pad("sink"))
+                continue
+            depay_f, parse_f, caps, _ = codec
+            depay = make(depay_f, f"depay{i}")
+            parse = make(parse_f, None, **{"config-interval": -1})
+            capsf = make("capsfilter", None, caps=Gst.Caps.from_string(
+                f"{caps},stream-format=byte-stream,alignment=au"))
+            sink = make("appsink", "sink", sync=False, **{"emit-signals": True,
+                                                            "max-buffers": 120})
+            depay.link(parse)
+            parse.link(capsf)
+            capsf.link(sink)
+
+            def on_sample(appsink: Any) -> Any:
+                sample = appsink.emit("pull-sample")
+                if sample is None:
+                    return Gst.FlowReturn.EOS
+                buf = sample.get_buffer()
+                ok, info = buf.map(Gst.MapFlags.READ)
+                if ok:
+                    try:
+                        self.feed.put(session, bytes(info.data),
+                                      not buf.has_flags(Gst.BufferFlags.DELTA_UNIT))
+                    finally:
+                        buf.unmap(info)
+                return Gst.FlowReturn.OK
+
+            sink.connect("new-sample", on_sample)
+            media.create_stream(depay, depay.get_static_pad("sink"))
+
+        def unprepared(media: Any) -> None:
+            self.feed.end(session)
+            log.info("rtsp %s: the publisher left", self.path)
+
+        media.connect("unprepared", unprepared)
+
+
+def sdp_medias(sdp: str) -> list[tuple[str, str]]:
+    """(kind, codec) of each ``m=`` section of ``sdp``, the codec of its first payload type
+    (upper case, e.g. ``("video", "H264")``; ``""`` when no rtpmap names it)."""
+    out: list[tuple[str, str]] = []
+    pt = ""
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            parts = line[2:].split()
+            out.append((parts[0] if parts else "", ""))
+            pt = parts[3] if len(parts) > 3 else ""
+        elif out and line.startswith(f"a=rtpmap:{pt} ") and not out[-1][1]:
+            out[-1] = (out[-1][0], line.split()[1].split("/")[0].upper())
+    return out
 
 
 class RtspServer:
@@ -280,7 +332,6 @@ class RtspServer:
             token.set_string("media.factory.role", role)
             mount.basic = self._GstRtspServer.RTSPAuth.make_basic(user, password)
             self._auth.add_basic(mount.basic, token)
-            factory.connect("media-configure", mount._configure)
             self._server.get_mount_points().add_factory(path, factory)
             self._publish[path] = mount
             return mount
@@ -331,14 +382,13 @@ class RtspServer:
             state.clear()
 
         def pre_announce(client: Any, ctx: Any) -> Any:
-            # one publisher per mount: a second one is told the mount is busy
             from gi.repository import GstRtsp
 
             path = ctx.uri.abspath if ctx.uri is not None else ""
             pub = self._publish.get(path)
-            if pub is not None and not pub._announce(client):
-                return GstRtsp.RTSPStatusCode.SERVICE_UNAVAILABLE
-            return GstRtsp.RTSPStatusCode.OK
+            if pub is None or ctx.media is None:
+                return GstRtsp.RTSPStatusCode.OK
+            return pub._announce(client, ctx)
 
         client.connect("play-request", on_play)
         client.connect("pre-announce-request", pre_announce)

@@ -9,6 +9,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import cast
 
 import av
 import numpy as np
@@ -99,12 +100,17 @@ class Camera:
             self.server = None
 
 
+@dataclass
 class Publisher(Camera):
     """Publishes the clip to ``url`` (``rtsp://user:password@host:port/<name>/publish``) at
-    ``fps`` until stopped. ``error`` holds why publishing ended, if it failed."""
+    ``fps`` until stopped, as ``codec`` (libx264, libx265) video, with a silent AAC track first
+    when ``audio`` (the order some phone apps use), or audio only when ``codec`` is None.
+    ``error`` holds why publishing ended, if it failed."""
 
     url_out: str = ""
     error: str = ""
+    codec: str | None = "libx264"
+    audio: bool = False
 
     def publish(self, url: str) -> Publisher:
         self.url_out = url
@@ -115,24 +121,43 @@ class Publisher(Camera):
         return self
 
     def _push(self) -> None:
+        fps = round(self.fps)
         try:
             with av.open(self.url_out, "w", format="rtsp",
                          options={"rtsp_transport": "tcp"}, timeout=5.0) as out:
-                st = out.add_stream("libx264", rate=round(self.fps))
-                st.width, st.height, st.pix_fmt = self.width, self.height, "yuv420p"
-                st.codec_context.time_base = Fraction(1, round(self.fps))
-                st.options = {"preset": "ultrafast", "tune": "zerolatency",
-                              "x264-params": f"keyint={round(self.fps)}:bframes=0"}
+                sound: av.AudioStream | None = None
+                if self.audio or self.codec is None:
+                    sound = out.add_stream("aac", rate=48000)
+                    sound.layout = "mono"
+                st: av.VideoStream | None = None
+                if self.codec is not None:
+                    st = cast(av.VideoStream, out.add_stream(self.codec, rate=fps))
+                    st.width, st.height, st.pix_fmt = self.width, self.height, "yuv420p"
+                    st.codec_context.time_base = Fraction(1, fps)
+                    params = f"keyint={fps}:bframes=0"
+                    st.options = ({"preset": "ultrafast", "tune": "zerolatency",
+                                   "x265-params": params + ":log-level=error"}
+                                  if self.codec == "libx265" else
+                                  {"preset": "ultrafast", "tune": "zerolatency",
+                                   "x264-params": params})
                 t0 = time.monotonic()
                 i = 0
                 while not self._stop.is_set():
-                    px = self.frames[i % len(self.frames)].copy()
-                    stamp(px, i)
-                    vf = av.VideoFrame.from_ndarray(px, format="bgr24")
-                    vf.pts = i
-                    self.sent_at[i] = time.monotonic()
-                    for pkt in st.encode(vf):
-                        out.mux(pkt)
+                    if st is not None:
+                        px = self.frames[i % len(self.frames)].copy()
+                        stamp(px, i)
+                        vf = av.VideoFrame.from_ndarray(px, format="bgr24")
+                        vf.pts = i
+                        self.sent_at[i] = time.monotonic()
+                        for pkt in st.encode(vf):
+                            out.mux(pkt)
+                    if sound is not None:
+                        n = 48000 // fps
+                        af = av.AudioFrame.from_ndarray(np.zeros((1, n), np.float32),
+                                                        format="fltp", layout="mono")
+                        af.sample_rate, af.pts = 48000, i * n
+                        for pkt in sound.encode(af):
+                            out.mux(pkt)
                     self.sent = i = i + 1
                     self._stop.wait(max(0.0, t0 + i / self.fps - time.monotonic()))
         except (av.FFmpegError, OSError) as exc:

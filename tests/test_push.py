@@ -13,7 +13,7 @@ import pytest
 from engines.registry import VIDEO_PROFILE, build_detector
 from pipeline.live import LiveOptions, LiveStream, Status
 from pipeline.push import PublisherGone, PushFeed
-from pipeline.rtsp_server import RtspServer
+from pipeline.rtsp_server import RtspServer, sdp_medias
 from tests.live_helpers import Publisher, read_stamp, stamp
 from tests.test_live import FILL, Gateway, Player, assert_faces_covered, camera_frames
 
@@ -104,6 +104,40 @@ def test_wrong_credentials_and_a_second_publisher_are_refused(gw: PushGateway) -
         assert gw.stream.stats.frames_in > frames  # the first one still publishes
     finally:
         cam.stop()
+
+
+@pytest.mark.parametrize(("codec", "audio"), [("libx264", True), ("libx265", False)],
+                         ids=["h264-after-an-audio-track", "h265"])
+def test_phone_and_dashcam_publishers(gw: PushGateway, codec: str, audio: bool) -> None:
+    """A publisher with an audio track (listed first, as some phone apps do) and one sending
+    H.265: the video is redacted, the audio dropped."""
+    cam = Publisher(codec=codec, audio=audio).publish(gw.url())
+    player = Player(gw.out.url)
+    try:
+        gw.wait_status(Status.LIVE)
+        n = len(player.frames)
+        player.wait_frames(n + 30)
+        assert_faces_covered(cam, player.frames[n:], 20)
+        assert gw.feed.codec == ("hevc" if codec == "libx265" else "h264")
+    finally:
+        cam.stop()
+        player.stop()
+    assert not cam.error
+
+
+def test_a_publisher_without_video_is_refused(gw: PushGateway) -> None:
+    sound_only = Publisher(codec=None).publish(gw.url())
+    assert "4XX" in wait_error(sound_only)  # 415 Unsupported Media Type
+    sound_only.stop()
+    assert not gw.feed.publishing and gw.stream.stats.status is Status.CONNECTING
+
+
+def test_sdp_medias() -> None:
+    sdp = ("v=0\r\nm=audio 0 RTP/AVP 97\r\na=rtpmap:97 MPEG4-GENERIC/48000/1\r\n"
+           "m=video 0 RTP/AVP 96 98\r\na=rtpmap:98 VP8/90000\r\na=rtpmap:96 H265/90000\r\n"
+           "m=application 0 RTP/AVP 99\r\n")
+    assert sdp_medias(sdp) == [("audio", "MPEG4-GENERIC"), ("video", "H265"),
+                               ("application", "")]
 
 
 def test_the_feed_resumes_at_a_keyframe_when_the_reader_is_behind() -> None:
