@@ -128,7 +128,8 @@ STREAMS_PAGE = """<!doctype html>
 <form id="f"><label>API key <input id="k" type="password" autocomplete="off"></label>
 <button>Show</button></form>
 <table id="t" hidden><thead><tr><th>name</th><th>status</th><th>in / out fps</th>
-<th>latency p50</th><th>viewers</th><th>watch</th><th>RTSP</th></tr></thead><tbody></tbody></table>
+<th>latency p50</th><th>viewers</th><th>watch</th><th>RTSP</th><th>source</th><th>recording</th>
+</tr></thead><tbody></tbody></table>
 <p id="e"></p>
 <script>
 const f = document.getElementById("f"), k = document.getElementById("k");
@@ -152,6 +153,11 @@ async function load() {
     cell(row, String(st.viewers));
     cell(row, s.viewer_url ? "viewer" : "-", s.viewer_url);
     cell(row, s.rtsp_url || "-");
+    // a push stream shows where its camera publishes (the key holder sees the password)
+    cell(row, s.publish_url || s.source);
+    const rec = st.recording;
+    cell(row, rec ? (rec.recording ? "on" : "off") + ", " + rec.segments_written + " segments" +
+         (rec.last_error ? " (" + rec.last_error + ")" : "") : "-");
   }
   t.hidden = false;
 }

@@ -1,7 +1,8 @@
 """Inside a network namespace (tests/netns.py): a camera (own process) -> ``redact serve``'s app
 -> headless Chromium on the viewer page over WebRTC (WHEP). Prints one JSON line: time from page
-load to the first decoded frame, whether the face is covered in a captured frame, and the
-gateway process's CPU with one and with three viewers."""
+load to the first decoded frame, whether the face is covered in a captured frame, the
+gateway process's CPU with one and with three viewers, and the stream's row on the /streams
+page."""
 
 from __future__ import annotations
 
@@ -103,6 +104,14 @@ def main() -> dict[str, Any]:
                     out["cpu_one_viewer"] = round(cpu[1], 3)
                     out["cpu_three_viewers"] = round(cpu[3], 3)
                     out["cpu_ratio"] = round(cpu[3] / cpu[1], 3)
+                    # the streams page: the key typed in, the stream's row shown
+                    listing = browser.new_page()
+                    listing.goto(srv.url + "/streams")
+                    listing.fill("#k", key.key)
+                    listing.click("button")
+                    listing.wait_for_selector("#t tbody tr", timeout=10000)
+                    out["streams_page_row"] = listing.eval_on_selector_all(
+                        "#t tbody tr td", "tds => tds.map(td => td.textContent)")
                     browser.close()
         finally:
             srv.stop()

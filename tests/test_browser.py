@@ -28,3 +28,7 @@ def test_viewer_page_plays_the_redacted_stream() -> None:
     assert result["first_frame_s"] < 10  # it plays (the benchmark figure is the real measure)
     assert result["face_covered"] > 0.9  # the face region of a captured frame is filled
     assert result["viewers_reported"] == 3
+    # the /streams page lists it once the key is typed in: name, status, ..., RTSP, source
+    row = result["streams_page_row"]
+    assert row[0] == "cam" and row[1] == "live" and row[6].startswith("rtsp://")
+    assert row[7].startswith("rtsp://127.0.0.1:") and row[8] == "-"
