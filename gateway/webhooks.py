@@ -3,6 +3,13 @@
 Each event is stored (body and id fixed) before it is sent, so retries send the same bytes with
 the same ``X-Redact-Event-Id`` and a restart carries on where the last process stopped. The
 signature header is ``t=<unix seconds>,v1=<hex HMAC-SHA256(webhook_secret, "<t>.<body>")>``.
+
+A webhook URL's host is resolved and checked (no private, loopback or link-local address unless
+the operator allows them) when the job is submitted and again before every attempt, and the
+attempt connects to the address that was checked, not to a second DNS answer: a host that
+changes its answer between the check and the connection (DNS rebinding) cannot turn a delivery
+into a request inside the operator's network. (With a proxy from the environment,
+``HTTP(S)_PROXY``, the proxy connects instead.)
 """
 
 from __future__ import annotations
@@ -15,8 +22,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 
 from gateway.store import Delivery, Store
@@ -57,9 +66,10 @@ def _scrub(url: str) -> str:
     return f"{s.scheme}://{s.hostname}{':' + str(s.port) if s.port else ''}/..."
 
 
-def check_url(url: str, allow_private: bool) -> None:
+def check_url(url: str, allow_private: bool) -> list[str]:
     """Refuse URLs that are not http(s), or whose host resolves to a private, loopback,
-    link-local, multicast or reserved address (unless ``allow_private``)."""
+    link-local, multicast or reserved address (unless ``allow_private``); returns the host's
+    addresses (all of them checked)."""
     if len(url) > 2048:
         raise WebhookUrlError("webhook_url is longer than 2048 characters")
     try:
@@ -73,10 +83,11 @@ def check_url(url: str, allow_private: bool) -> None:
         infos = socket.getaddrinfo(s.hostname, port, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError):
         raise WebhookUrlError(f"webhook_url host {s.hostname!r} does not resolve") from None
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     if allow_private:
-        return
-    for info in infos:
-        addr = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        return addresses
+    for found in addresses:
+        addr = ipaddress.ip_address(found.split("%", 1)[0])
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
             addr = addr.ipv4_mapped
         if (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_multicast
@@ -84,6 +95,38 @@ def check_url(url: str, allow_private: bool) -> None:
             raise WebhookUrlError(
                 f"webhook_url host {s.hostname!r} resolves to a private, loopback or link-local "
                 "address; the operator can allow these with REDACT_WEBHOOK_ALLOW_PRIVATE=1")
+    return addresses
+
+
+class PinnedBackend(httpcore.SyncBackend):
+    """Opens connections to the address pinned for a host (see :func:`pinned_client`), never to
+    a fresh DNS answer; TLS still verifies the certificate against the host name."""
+
+    def __init__(self) -> None:
+        self.pins: dict[str, str] = {}
+
+    def pin(self, url: str, address: str) -> None:
+        if len(self.pins) >= 1024:
+            self.pins.clear()  # bounded: a pin is set again before every attempt
+        # the host as httpcore will name it (lower case, IDNA-encoded)
+        self.pins[httpx.URL(url).raw_host.decode("ascii")] = address
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                    local_address: str | None = None,
+                    socket_options: Any = None) -> httpcore.NetworkStream:
+        return super().connect_tcp(self.pins.get(host, host), port, timeout, local_address,
+                                   socket_options)
+
+
+def pinned_client(backend: PinnedBackend, timeout_s: float) -> httpx.Client:
+    """An httpx client whose direct connections go through ``backend``."""
+    transport = httpx.HTTPTransport()
+    transport._pool = httpcore.ConnectionPool(ssl_context=httpx.create_ssl_context(),
+                                              network_backend=backend, max_connections=10,
+                                              max_keepalive_connections=5,
+                                              keepalive_expiry=5.0)
+    return httpx.Client(transport=transport, timeout=timeout_s, follow_redirects=False,
+                        headers={"User-Agent": USER_AGENT})
 
 
 class Deliverer:
@@ -108,8 +151,8 @@ class Deliverer:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="webhooks", daemon=True)
-        self._client = httpx.Client(timeout=timeout_s, follow_redirects=False,
-                                    headers={"User-Agent": USER_AGENT})
+        self._backend = PinnedBackend()
+        self._client = pinned_client(self._backend, timeout_s)
 
     def start(self) -> None:
         self._thread.start()
@@ -155,7 +198,8 @@ class Deliverer:
         try:
             if secret is None:
                 raise WebhookUrlError("the key that asked for this webhook was revoked")
-            check_url(d.url, self.allow_private)  # again: DNS may have changed since
+            # again: DNS may have changed since; the connection goes to what is checked now
+            self._backend.pin(d.url, check_url(d.url, self.allow_private)[0])
             ts = int(now)
             r = self._client.post(d.url, content=d.body, headers={
                 "Content-Type": "application/json", "X-Redact-Event-Id": d.id,

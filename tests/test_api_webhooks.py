@@ -13,7 +13,14 @@ import httpx
 import pytest
 
 from gateway.store import Delivery
-from gateway.webhooks import WebhookUrlError, check_url, sign, verify
+from gateway.webhooks import (
+    PinnedBackend,
+    WebhookUrlError,
+    check_url,
+    pinned_client,
+    sign,
+    verify,
+)
 from tests.api_support import (
     ApiKeyInfo,
     Receiver,
@@ -190,3 +197,23 @@ def test_sign_and_verify_round_trip() -> None:
     assert not verify("whsec_y", body, header)
     assert not verify("whsec_x", body, sign("whsec_x", body, now - 3600))  # replayed late
     assert not verify("whsec_x", body, "garbage")
+
+
+def test_a_delivery_connects_to_the_checked_address_not_a_new_dns_answer(
+        receiver: Receiver) -> None:
+    """The address checked is the address connected to: the host name is not resolved again
+    (a .invalid name has no DNS answer at all, and none is asked for), while the request still
+    names the host."""
+    backend = PinnedBackend()
+    port = receiver.url.split(":")[2].split("/")[0]
+    url = f"http://Hooks.Example.invalid:{port}/hook"
+    backend.pin(url, "127.0.0.1")
+    with pinned_client(backend, 5.0) as client:
+        assert client.post(url, content=b"{}").status_code == 200
+    (got,) = receiver.wait_for(1)
+    assert got.headers["host"].lower() == f"hooks.example.invalid:{port}"
+
+
+def test_check_url_returns_the_addresses_it_checked() -> None:
+    assert check_url("http://127.0.0.1:9/hook", allow_private=True) == ["127.0.0.1"]
+    assert check_url("https://93.184.216.34/hook", allow_private=False) == ["93.184.216.34"]
