@@ -72,7 +72,11 @@ def install_handlers(app: FastAPI) -> None:
 
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        headers = exc.headers
+        if exc.status == 413:
+            # the rest of a body too large is not read: the connection ends with the answer
+            headers = {**headers, "Connection": "close"}
+        return error_response(exc.status, exc.code, exc.message, headers)
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
