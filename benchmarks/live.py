@@ -15,6 +15,7 @@ process, so their decoding is included in the CPU figure; the camera runs in its
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import socket
@@ -138,6 +139,7 @@ def run(seconds: float, width: int, height: int, fps: float, delay: int,
     # per-second count can read 28 or 32 from delivery jitter alone; a missing stamp is a loss
     stamps = sorted(n for n, a in out_at.items() if t0 <= a < t1)
     missing = (stamps[-1] - stamps[0] + 1 - len(stamps)) if stamps else None
+    gaps = sorted(b - a for a, b in itertools.pairwise(window))
     per_second = [sum(1 for a in window if t0 + k <= a < t0 + k + 1)
                   for k in range(int(seconds))]
     return {
@@ -147,6 +149,8 @@ def run(seconds: float, width: int, height: int, fps: float, delay: int,
         "player_fps_min_1s": min(per_second) if per_second else 0,
         "player_fps_max_1s": max(per_second) if per_second else 0,
         "camera_frames_missing": missing,
+        "player_gap_ms_p99": round(1000 * gaps[int(0.99 * (len(gaps) - 1))], 1) if gaps else None,
+        "player_gap_ms_max": round(1000 * gaps[-1], 1) if gaps else None,
         "gateway_added_ms_p50": round(1000 * added[len(added) // 2], 1) if added else None,
         "gateway_added_ms_p95": round(1000 * added[min(len(added) - 1,
                                                        int(0.95 * len(added)))], 1)
