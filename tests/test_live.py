@@ -126,6 +126,17 @@ def assert_faces_covered(cam: Camera, frames: list[np.ndarray], min_frames: int)
         assert fill_fraction(face, MAGENTA, tol=40) > 0.9
 
 
+def wait_resumed(gw: Gateway, cam: Camera, player: Player) -> int:
+    """The stream goes live again and the player, connected throughout, shows the camera with
+    its faces covered; returns how many frames the player had when the stream went live."""
+    gw.wait_status(Status.LIVE)
+    n = len(player.frames)
+    player.wait_frames(n + 30)
+    assert not player.error
+    assert_faces_covered(cam, player.frames[n:], 20)
+    return n
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -177,11 +188,7 @@ def test_camera_down_at_start_then_up_and_restarting(caplog: pytest.LogCaptureFi
         cam = Camera()
         cam.start(port)
         back = time.monotonic()
-        gw.wait_status(Status.LIVE)
-        n = len(player.frames)
-        player.wait_frames(n + 30)
-        assert not player.error
-        assert_faces_covered(cam, player.frames[n:], 20)
+        n = wait_resumed(gw, cam, player)
         first_real = next(t for px, t in zip(player.frames[n:], player.times[n:], strict=True)
                           if camera_frames([px]))
         assert first_real - back < 5.0

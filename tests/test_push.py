@@ -15,7 +15,14 @@ from pipeline.live import LiveOptions, LiveStream, Status
 from pipeline.push import PublisherGone, PushFeed
 from pipeline.rtsp_server import RtspServer, sdp_medias
 from tests.live_helpers import Publisher, read_stamp, stamp
-from tests.test_live import FILL, Gateway, Player, assert_faces_covered, camera_frames
+from tests.test_live import (
+    FILL,
+    Gateway,
+    Player,
+    assert_faces_covered,
+    camera_frames,
+    wait_resumed,
+)
 
 pytest.importorskip("gi", reason="GStreamer's Python bindings (make setup installs them)")
 
@@ -74,11 +81,7 @@ def test_a_published_camera_is_redacted_and_survives_hang_ups(gw: PushGateway) -
         assert not camera_frames(player.frames[-5:])  # frames in flight aside: placeholders
         cam = Publisher().publish(gw.url())
         back = time.monotonic()
-        gw.wait_status(Status.LIVE)
-        n = len(player.frames)
-        player.wait_frames(n + 30)
-        assert not player.error
-        assert_faces_covered(cam, player.frames[n:], 20)
+        wait_resumed(gw, cam, player)
         assert time.monotonic() - back < 10
         assert gw.feed.publishers == 2 and gw.stream.stats.reconnects >= 1
     finally:
