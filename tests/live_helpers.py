@@ -104,13 +104,15 @@ class Camera:
 class Publisher(Camera):
     """Publishes the clip to ``url`` (``rtsp://user:password@host:port/<name>/publish``) at
     ``fps`` until stopped, as ``codec`` (libx264, libx265) video, with a silent AAC track first
-    when ``audio`` (the order some phone apps use), or audio only when ``codec`` is None.
+    when ``audio`` (the order some phone apps use), or audio only when ``codec`` is None; RTP
+    over ``transport`` (tcp, udp).
     ``error`` holds why publishing ended, if it failed."""
 
     url_out: str = ""
     error: str = ""
     codec: str | None = "libx264"
     audio: bool = False
+    transport: str = "tcp"  # RTP over the RTSP connection, or "udp" (FFmpeg's default)
 
     def publish(self, url: str) -> Publisher:
         self.url_out = url
@@ -124,7 +126,7 @@ class Publisher(Camera):
         fps = round(self.fps)
         try:
             with av.open(self.url_out, "w", format="rtsp",
-                         options={"rtsp_transport": "tcp"}, timeout=5.0) as out:
+                         options={"rtsp_transport": self.transport}, timeout=5.0) as out:
                 sound: av.AudioStream | None = None
                 if self.audio or self.codec is None:
                     sound = out.add_stream("aac", rate=48000)

@@ -109,12 +109,14 @@ def test_wrong_credentials_and_a_second_publisher_are_refused(gw: PushGateway) -
         cam.stop()
 
 
-@pytest.mark.parametrize(("codec", "audio"), [("libx264", True), ("libx265", False)],
-                         ids=["h264-after-an-audio-track", "h265"])
-def test_phone_and_dashcam_publishers(gw: PushGateway, codec: str, audio: bool) -> None:
-    """A publisher with an audio track (listed first, as some phone apps do) and one sending
-    H.265: the video is redacted, the audio dropped."""
-    cam = Publisher(codec=codec, audio=audio).publish(gw.url())
+@pytest.mark.parametrize(("codec", "audio", "transport"), [
+    ("libx264", True, "tcp"), ("libx265", False, "tcp"), ("libx264", False, "udp")],
+    ids=["h264-after-an-audio-track", "h265", "rtp-over-udp"])
+def test_phone_and_dashcam_publishers(gw: PushGateway, codec: str, audio: bool,
+                                      transport: str) -> None:
+    """A publisher with an audio track (listed first, as some phone apps do), one sending
+    H.265, one sending RTP over UDP (FFmpeg's default): the video is redacted, audio dropped."""
+    cam = Publisher(codec=codec, audio=audio, transport=transport).publish(gw.url())
     player = Player(gw.out.url)
     try:
         gw.wait_status(Status.LIVE)
