@@ -29,7 +29,7 @@ import av
 import numpy as np
 
 from engines.redact import Method, Style
-from engines.registry import VIDEO_PROFILE, build_detector
+from engines.registry import VIDEO_PROFILE, build_detector, resolve_categories
 from pipeline.live import LiveOptions, LiveStream, Status, no_signal_frame
 from pipeline.rtsp_server import RtspServer
 from tests.conftest import fill_fraction, region
@@ -50,7 +50,8 @@ def _cpu_s() -> float:
 
 
 def run(seconds: float, width: int, height: int, fps: float, delay: int,
-        warmup: float = 3.0, with_direct: bool = True) -> dict[str, Any]:
+        warmup: float = 3.0, with_direct: bool = True,
+        categories: tuple[str, ...] = ("faces",)) -> dict[str, Any]:
     # the camera runs in its own process, as a real one would (its encoder does not compete
     # for this process's interpreter); ``cam`` here only knows where the face is on each frame
     port = _free_port()
@@ -62,7 +63,7 @@ def run(seconds: float, width: int, height: int, fps: float, delay: int,
     cam = Camera(fps=fps, width=width, height=height)
     server = RtspServer(port=0)
     mount = server.add_mount("out")
-    stream = LiveStream("bench", cam_url, lambda: build_detector(("faces",), VIDEO_PROFILE),
+    stream = LiveStream("bench", cam_url, lambda: build_detector(categories, VIDEO_PROFILE),
                         Style(Method.FILL, fill_bgr=MAGENTA),
                         LiveOptions(width=width, height=height, fps=fps, delay_frames=delay),
                         sinks=[mount.push])
@@ -144,6 +145,7 @@ def run(seconds: float, width: int, height: int, fps: float, delay: int,
                   for k in range(int(seconds))]
     return {
         "benchmark": "live", "size": f"{width}x{height}", "camera_fps": fps,
+        "categories": list(categories),
         "seconds": seconds, "delay_frames": delay,
         "player_fps_mean": round((n1 - n0) / (t1 - t0), 2),
         "player_fps_min_1s": min(per_second) if per_second else 0,
@@ -273,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fps", type=float, default=30.0)
     ap.add_argument("--delay", type=int, default=LiveOptions.delay_frames,
                     help="look-ahead frames (default: %(default)s)")
+    ap.add_argument("--categories", default="faces",
+                    help="comma-separated categories redacted (default: faces)")
     ap.add_argument("--restarts", type=int, default=0, metavar="N",
                     help="instead: kill and restart the camera N times (recovery, resources)")
     ap.add_argument("--down-s", type=float, default=2.0, help="camera down time per restart")
@@ -289,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
               f"cycle {rr['resources_first']}, after the last {rr['resources_last']}")
         print(json.dumps(rr))
         return 0 if rr["player_stayed_connected"] else 1
-    r = run(args.seconds, w, h, args.fps, args.delay)
+    cats = tuple(resolve_categories([c.strip() for c in args.categories.split(",") if c.strip()]))
+    r = run(args.seconds, w, h, args.fps, args.delay, categories=cats)
     print(f"{r['size']} at {r['camera_fps']} frames/s for {r['seconds']:.0f} s: player "
           f"{r['player_fps_mean']} frames/s (seconds between {r['player_fps_min_1s']} and "
           f"{r['player_fps_max_1s']}, {r['camera_frames_missing']} camera frames missing); "

@@ -3,9 +3,10 @@
 The detector runs on a subset of frames (see :class:`Scheduler`). Between calls the tracker
 predicts every live track forward with its velocity; the box grows with the time since the track
 was last seen. When a later detection arrives, boxes are also carried backward into frames that
-are still buffered (look-ahead): matched tracks are interpolated between their two detections,
-and a new track's box is copied back, grown, so an object is covered from the first frame it
-appears in even though the detector skipped that frame.
+are still buffered (look-ahead): matched tracks are interpolated between their two detections (and,
+when they moved far, also get their new box: they may have jumped), and a new track's box is
+copied back, grown, into every frame since the detector's previous call, so an object is covered
+from the first frame it appears in even though the detector skipped that frame.
 
 What a frame gets covered is the union of its own detections, every confirmed, tentative and
 recently lost track, and the boxes carried back to it.
@@ -28,6 +29,11 @@ MATCH_GATE = 2.0  # largest centre distance, in box sizes, at which a detection 
 UNSURE_SCORE = 0.5  # a track scoring under this makes the detector look again sooner
 # a new track's box, carried back before its motion is known, grows by this share of its size
 BIRTH_SLACK = 0.3
+# a track whose centre moved more than this share of its size between two detections may have
+# jumped (a person stepping out from behind something, a fast turn): the frames between get
+# its new box too, not only the interpolated one
+JUMP = 0.25
+MAX_CARRY = 120  # frames a box is carried back at most (live streams that dropped frames)
 
 
 @dataclass
@@ -81,6 +87,10 @@ class Tracker:
         Returns the detections with their track ids, and boxes carried backward as
         ``(earlier_frame, Detections)`` pairs.
         """
+        # frames since the previous call were never seen by the detector (more than a period
+        # when a live stream dropped frames): a new track is carried back into all of them
+        prev = self._last_frame
+        unseen = min(MAX_CARRY, frame - prev - 1) if 0 <= prev < frame else 0
         self._last_frame = frame
         track_ids = np.full(len(dets), -1, np.int64)
         back: dict[int, list[tuple[np.ndarray, Track]]] = {}
@@ -120,10 +130,17 @@ class Tracker:
                                 (self._grow(t.box - v * k, self.margin * min(k, 10) / 4 + 0.1),
                                  t))
                     t.velocity = v if t.hits == 1 else 0.5 * t.velocity + 0.5 * v
-                    for g in range(t.frame + 1, frame):
+                    size = max(new_box[2] - new_box[0], new_box[3] - new_box[1], 1.0)
+                    moved = float(np.linalg.norm((new_box[:2] + new_box[2:]) / 2
+                                                 - (t.box[:2] + t.box[2:]) / 2))
+                    jumped = moved > JUMP * size
+                    for g in range(max(t.frame + 1, frame - MAX_CARRY), frame):
                         a = (g - t.frame) / dt
                         interp = (1 - a) * t.box + a * new_box
                         back.setdefault(g, []).append((self._grow(interp, 0.1), t))
+                        if jumped:  # it may have got there at any frame in between
+                            grow = BIRTH_SLACK + self.margin * min(frame - g, 10) / 4
+                            back.setdefault(g, []).append((self._grow(new_box, grow), t))
                 t.box, t.frame, t.score = new_box, frame, float(dets.score[di])
                 t.hits += 1
                 track_ids[di] = t.id
@@ -134,7 +151,7 @@ class Tracker:
             self.distinct[t.category] = self.distinct.get(t.category, 0) + 1
             self.tracks.append(t)
             track_ids[di] = t.id
-            for k in range(1, self.lookback + 1):
+            for k in range(1, max(self.lookback, unseen) + 1):
                 back.setdefault(frame - k, []).append(
                     (self._grow(t.box, BIRTH_SLACK + self.margin * min(k, 10) / 4), t))
         self.tracks = [t for t in self.tracks if frame - t.frame <= self.max_coast]

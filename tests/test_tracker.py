@@ -275,3 +275,34 @@ def test_tracker_is_unsure_about_new_lost_and_low_score_tracks() -> None:
     assert not t.unsure()  # seen three times at a high score
     t.observe(9, Detections.empty())
     assert t.unsure()  # missed by the last detection
+
+
+def _covers(d: Detections, box: tuple[float, float, float, float]) -> bool:
+    return any(b[0] <= box[0] and b[1] <= box[1] and b[2] >= box[2] and b[3] >= box[3]
+               for b in d.xyxy)
+
+
+def test_a_new_track_is_carried_back_into_every_frame_the_detector_did_not_see() -> None:
+    """A live stream that dropped frames calls the detector further apart than its period:
+    a face found now is carried back into every frame since the previous call."""
+    t = Tracker(period=3, lookback=3)
+    t.observe(100, Detections.empty())
+    _, back = t.observe(112, dets((100, 100, 140, 140)))  # 11 frames unseen
+    assert [g for g, _ in back] == list(range(101, 112))
+    assert all(_covers(d, (100, 100, 140, 140)) for _, d in back)
+
+
+def test_a_track_that_jumped_is_covered_where_it_landed_in_the_frames_between() -> None:
+    """A matched face that moved far between two calls may have got there at any frame in
+    between: those frames get its new box, not only the interpolated one."""
+    t = Tracker(period=3, lookback=3)
+    t.observe(10, dets((200, 100, 240, 140)))
+    _, back = t.observe(13, dets((140, 100, 180, 140)))  # 60 px left: 1.5 box sizes
+    between = {g: d for g, d in back if 10 < g < 13}
+    assert set(between) == {11, 12}
+    assert all(_covers(d, (140, 100, 180, 140)) for d in between.values())
+    # a small step is interpolated only
+    t2 = Tracker(period=3, lookback=3)
+    t2.observe(10, dets((200, 100, 240, 140)))
+    _, back2 = t2.observe(13, dets((206, 100, 246, 140)))
+    assert not any(_covers(d, (206, 100, 246, 140)) for g, d in back2 if g == 11)
