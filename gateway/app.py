@@ -1,5 +1,6 @@
-"""The FastAPI application: ``create_app(settings)`` builds it; its lifespan starts the store,
-the workers, webhook deliveries and the sweeper, and loads the models."""
+"""The FastAPI application: ``create_app(settings)`` builds it; its lifespan opens the store
+and, unless ``settings.embedded_worker`` is off, starts an in-process worker (job workers,
+webhook deliveries, the sweeper, the models)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ``redact`` command: ``file``, ``categories``, ``serve`` and ``keys``."""
+"""The ``redact`` command: ``file``, ``categories``, ``serve``, ``worker`` and ``keys``."""
 
 from __future__ import annotations
 
@@ -28,11 +28,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
 
-    settings = _settings(args, host=args.host, port=args.port, workers=args.workers)
+    settings = _settings(args, host=args.host, port=args.port, workers=args.workers,
+                         embedded_worker=False if args.no_worker else None)
     level = "debug" if args.verbose else settings.log_level
     logging.getLogger().setLevel(level.upper())
     sys.stderr.write(f"redact serve: http://{settings.host}:{settings.port} (docs at /docs), "
                      f"data in {settings.data_dir}\n")
+    if not settings.embedded_worker:
+        sys.stderr.write("redact serve: API only; jobs and webhooks are run by `redact worker` "
+                         "processes on the same data directory\n")
     from gateway.streams import StreamSettings
 
     given = {"rtsp_port": args.rtsp_port, "ice_advertised_host": args.advertise_host}
@@ -43,6 +47,17 @@ def run_serve(args: argparse.Namespace) -> int:
     uvicorn.run(create_app(settings, args.config, stream_settings), host=settings.host,
                 port=settings.port, log_level=level, timeout_graceful_shutdown=10)
     return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from gateway.worker import run_worker as run
+
+    settings = _settings(args, workers=args.workers)
+    level = "debug" if args.verbose else settings.log_level
+    logging.getLogger().setLevel(level.upper())
+    sys.stderr.write(f"redact worker {settings.worker_id}: data in {settings.data_dir}, "
+                     f"{settings.workers} job slot(s)\n")
+    return run(settings)
 
 
 def _store(args: argparse.Namespace) -> Any:
@@ -83,14 +98,21 @@ def _data_dir_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_serve_parser(sub: Any) -> None:
-    p = sub.add_parser("serve", help="run the REST API and its workers",
-                       description="Run the REST API (docs at /docs) and the redaction workers "
-                                   "in one process. Every setting can also be given as an "
-                                   "environment variable REDACT_<NAME>, e.g. REDACT_DATA_DIR.")
+    p = sub.add_parser("serve", help="run the REST API (and, by default, a worker)",
+                       description="Run the REST API (docs at /docs) and, unless --no-worker, "
+                                   "one worker in the same process: media jobs, webhook "
+                                   "deliveries, expiry. More workers can run beside it as "
+                                   "`redact worker` processes on the same data directory. "
+                                   "Every setting can also be given as an environment variable "
+                                   "REDACT_<NAME>, e.g. REDACT_DATA_DIR.")
     p.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: 8000)")
     p.add_argument("--workers", type=int, default=None,
-                   help="jobs redacted at the same time (default: 2)")
+                   help="jobs the in-process worker redacts at the same time (default: 2)")
+    p.add_argument("--no-worker", action="store_true",
+                   help="run the API alone (also REDACT_EMBEDDED_WORKER=0): jobs wait for "
+                        "`redact worker` processes, and /readyz is ready only while one is "
+                        "alive")
     p.add_argument("--rtsp-port", type=int, default=None,
                    help="port of the RTSP server for live streams (default: 8554, or "
                         "$REDACT_RTSP_PORT)")
@@ -104,6 +126,25 @@ def add_serve_parser(sub: Any) -> None:
                         "zones, outputs (rtsp, webrtc, record)")
     _data_dir_option(p)
     p.set_defaults(func=run_serve)
+
+
+def add_worker_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "worker", help="run media jobs and webhook deliveries without the API",
+        description="Run the data plane without HTTP: media-job workers, webhook deliveries, "
+                    "expiry of old results and the models, on the database and files of the "
+                    "data directory that `redact serve` (e.g. with --no-worker) also uses. "
+                    "Several workers may run at once, on this machine or others sharing the "
+                    "directory: each job and webhook attempt is claimed under a lease "
+                    "(REDACT_LEASE_S, default 30 s) renewed while it runs, so work a killed "
+                    "worker held is taken over by another once the lease runs out, and a "
+                    "result is published once. Stops cleanly on SIGTERM or Ctrl-C (a job "
+                    "still running is handed back). Settings as for `redact serve`: "
+                    "REDACT_<NAME> environment variables.")
+    p.add_argument("--workers", type=int, default=None,
+                   help="jobs redacted at the same time (default: 2, or $REDACT_WORKERS)")
+    _data_dir_option(p)
+    p.set_defaults(func=run_worker)
 
 
 def add_keys_parser(sub: Any) -> None:
@@ -136,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     cats = sub.add_parser("categories", help="list the categories, their models and licences")
     cats.set_defaults(func=list_categories)
     add_serve_parser(sub)
+    add_worker_parser(sub)
     add_keys_parser(sub)
     return parser
 
@@ -146,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING
     if args.verbose:
         level = logging.DEBUG
-    elif getattr(args, "command", None) == "serve":
+    elif getattr(args, "command", None) in ("serve", "worker"):
         level = logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):

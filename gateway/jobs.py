@@ -1,9 +1,12 @@
 """Media jobs: where their files live, how their status reads, and the workers that run them.
 
-The store is the queue: a worker claims the oldest queued job in a transaction, so a job
-accepted (202) is never only in memory; one left ``processing`` by a dead process is queued
-again at start-up (:meth:`Store.requeue_unfinished`). Outputs and manifests are written to a
-temporary name, flushed to disk and renamed.
+The store is the queue: a worker claims the oldest queued job in a transaction, under a lease
+it renews while it works (:mod:`gateway.leases`), so a job accepted (202) is never only in
+memory, and one whose worker died (or stalled past its lease) is taken over by another worker,
+in this process or another. Outputs and manifests are written to temporary names of their own
+claim, flushed to disk, and renamed only while the claim still holds
+(:meth:`Store.finish_job`): a worker that lost its job discards what it made, so a result is
+published once.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from engines.registry import (
     category,
 )
 from gateway.errors import classify
+from gateway.leases import Lease, LeaseKeeper, claim_owner
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from gateway.store import Job, Store
@@ -200,9 +204,13 @@ class Layout:
         self.tmp = data_dir / "tmp"
         self.jobs = data_dir / "jobs"
 
-    def create(self) -> None:
+    def create(self, clean_uploads: bool = True) -> None:
+        """Make the directories; ``clean_uploads``: delete uploads a restart cut off (the
+        API's start; a worker leaves ``tmp/`` alone)."""
         for d in (self.root, self.tmp, self.jobs):
             d.mkdir(parents=True, exist_ok=True)
+        if not clean_uploads:
+            return
         for stale in self.tmp.iterdir():  # uploads cut off by a restart were never accepted
             with contextlib.suppress(OSError):
                 stale.unlink()
@@ -218,6 +226,23 @@ class Layout:
 
     def manifest(self, job: Job) -> Path:
         return self.job_dir(job.id) / "manifest.json"
+
+    def partial(self, job: Job, claim: str) -> Path:
+        """Where the claim ``claim`` writes its output before it is published: a name of its
+        own, so a stalled worker that wakes up never writes into another's file."""
+        return self.job_dir(job.id) / f"output.partial-{claim}{job.ext}"
+
+    def remove_partials(self, job_id: str) -> int:
+        """Delete unpublished outputs and manifests left by earlier claims of a job (their
+        workers died or lost the job); returns how many were found."""
+        n = 0
+        with contextlib.suppress(OSError):
+            for p in self.job_dir(job_id).iterdir():
+                if p.name.startswith(("output.partial", ".output.partial", ".manifest.json.")):
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+                        n += 1
+        return n
 
     def remove_files(self, job_id: str) -> None:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
@@ -295,39 +320,65 @@ def webhook_event(public_url: str | None) -> Callable[[Job], tuple[str, str, byt
     return make
 
 
+class JobAbandoned(Exception):
+    """Raised inside a job's redaction to stop it: its lease was lost, or the pool stops."""
+
+
 class WorkerPool:
-    """``settings.workers`` threads taking jobs from the store, one at a time each."""
+    """``settings.workers`` threads taking jobs from the store, one at a time each, each job
+    under a lease the pool renews (``keeper``) while it runs."""
 
     def __init__(self, store: Store, layout: Layout, settings: Settings, metrics: Metrics,
-                 redactors: RedactorCache, on_webhook: Callable[[], None]) -> None:
+                 redactors: RedactorCache, on_webhook: Callable[[], None],
+                 keeper: LeaseKeeper | None = None) -> None:
         self.store = store
         self.layout = layout
         self.settings = settings
         self.metrics = metrics
         self.redactors = redactors
         self.on_webhook = on_webhook
+        self._own_keeper = keeper is None
+        self.keeper = keeper or LeaseKeeper(settings.lease_s)
         self._cond = threading.Condition()
         self._wakeups = 0  # counts notify() calls, so that none is missed between two waits
         self._stop = threading.Event()
+        self._abandon = threading.Event()  # running jobs give their leases back
+        self._running: dict[str, str] = {}  # job id -> claim owner, while a thread runs it
+        self._running_lock = threading.Lock()
         self.budget = MemoryBudget(settings.work_memory_mb * 1024 * 1024)
         self._threads = [threading.Thread(target=self._run, name=f"worker-{i}", daemon=True)
                          for i in range(settings.workers)]
 
     def start(self) -> None:
+        if self._own_keeper:
+            self.keeper.start()
         for t in self._threads:
             t.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop taking jobs; a job being redacted is left ``processing`` if it does not end
-        in time (the next start-up queues it again)."""
+        """Stop taking jobs. A job that does not end within ``timeout_s`` is stopped and given
+        back (queued again at once, for another worker or the next start)."""
         self._stop.set()
         self.notify(all_=True)
         deadline = time.monotonic() + timeout_s
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self._threads):
+            self._abandon.set()
+            deadline = time.monotonic() + 2.0
+            for t in self._threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+        with self._running_lock:
+            left = dict(self._running)
+        for job_id, owner in left.items():  # still running (a photo, or stuck): given back
+            with contextlib.suppress(Exception):
+                if self.store.release_lease(job_id, owner):
+                    log.info("job %s given back unfinished", job_id)
+        if self._own_keeper:
+            self.keeper.stop()
 
     def alive(self) -> bool:
-        return all(t.is_alive() for t in self._threads)
+        return all(t.is_alive() for t in self._threads) and self.keeper.alive()
 
     def notify(self, all_: bool = False) -> None:
         """A job was queued."""
@@ -344,7 +395,8 @@ class WorkerPool:
             with self._cond:
                 seen = self._wakeups
             try:
-                job = self.store.claim_next(time.time())
+                job = self.store.claim_next(time.time(), claim_owner(self.settings.worker_id),
+                                            self.settings.lease_s)
             except Exception:
                 log.exception("cannot claim a job")
                 job = None
@@ -360,78 +412,131 @@ class WorkerPool:
                 continue
             need = estimated_bytes(job)
             trimmed = False
+            assert job.lease_owner is not None
+            with self._running_lock:
+                self._running[job.id] = job.lease_owner
             try:
-                with self.budget.hold(need):
-                    self.process(job)
+                # the lease is renewed from the claim on, while the job waits for memory too
+                with self._hold(job) as lease, self.budget.hold(need):
+                    self.process(job, lease)
                     if need >= TRIM_AFTER_BYTES:
                         release_free_memory()
                         trimmed = True
             except Exception:  # never let a worker die: the job is recorded as failed
                 log.exception("job %s: unexpected error", job.id)
                 self._fail(job, "internal_error", "internal error while redacting")
+            finally:
+                with self._running_lock:
+                    self._running.pop(job.id, None)
 
-    def process(self, job: Job) -> None:
-        """Redact one claimed job and record its outcome."""
+    def _hold(self, job: Job) -> contextlib.AbstractContextManager[Lease]:
+        owner = job.lease_owner
+        assert owner is not None, "a claimed job has an owner"
+        return self.keeper.held(f"job {job.id}",
+                                lambda until: self.store.renew_lease(job.id, owner, until))
+
+    def process(self, job: Job, lease: Lease | None = None) -> None:
+        """Redact one claimed job and record its outcome (if the claim still holds)."""
+        if lease is None:
+            with self._hold(job) as held:
+                self.process(job, held)
+            return
+        owner = job.lease_owner
+        assert owner is not None, "a claimed job has an owner"
         src, dst = self.layout.input(job), self.layout.output(job)
+        if self.layout.remove_partials(job.id):
+            log.info("job %s: attempt %d; what an earlier attempt left is deleted", job.id,
+                     job.attempts)
         if job.attempts > self.settings.max_job_attempts:
             self._fail(job, "interrupted", f"processing was interrupted {job.attempts - 1} "
-                       "times (the service stopped while redacting this file)")
+                       "times (the worker redacting this file died or stalled each time)", lease)
             return
         if not src.exists():
-            self._fail(job, "input_missing", "the uploaded file is no longer on the server")
+            self._fail(job, "input_missing", "the uploaded file is no longer on the server",
+                       lease)
             return
-        partial = dst.with_name(f"output.partial{job.ext}")
+        partial = self.layout.partial(job, owner.rsplit("/", 1)[-1])
         last = [0.0]
 
+        def check() -> None:
+            if lease.lost.is_set():
+                raise JobAbandoned("the job's lease was lost to another worker")
+            if self._abandon.is_set():
+                raise JobAbandoned("the worker is stopping")
+
         def progress(done: int, total: int | None) -> None:
+            check()
             now = time.monotonic()
             if total and now - last[0] >= PROGRESS_EVERY_S:
                 last[0] = now
-                self.store.set_progress(job.id, min(0.99, done / total))
+                self.store.set_progress(job.id, min(0.99, done / total), owner)
 
-        log.info("job %s: redacting %s (%s, %d bytes)", job.id, job.kind, job.ext,
-                 job.size_bytes)
+        log.info("job %s: redacting %s (%s, %d bytes), attempt %d", job.id, job.kind, job.ext,
+                 job.size_bytes, job.attempts)
         t0 = time.perf_counter()
         manifest_path = self.layout.manifest(job)
         manifest_tmp: Path | None = None
+
+        def discard() -> None:
+            for leftover in (partial, manifest_tmp):
+                if leftover is not None:
+                    with contextlib.suppress(OSError):
+                        leftover.unlink()
+
+        def publish() -> None:
+            # both files are on disk under temporary names: rename them, then make the renames
+            # durable with one flush of the directory, before the store says "completed"
+            assert manifest_tmp is not None
+            os.replace(partial, dst)
+            os.replace(manifest_tmp, manifest_path)
+            fsync_dir(dst.parent)
+
+        done: Job | None = None
         try:
             redactor = self.redactors.get(job.categories, job.options)
             entry = redactor.redact(src, partial, progress)
+            check()
             if job.kind != "image":  # photos are written flushed (pipeline.image.write_atomic)
                 fsync_file(partial)
             entry["input"], entry["output"] = job.filename, job.filename
             doc = manifest(redactor.settings, [entry])
             doc["job_id"] = job.id
             manifest_tmp = write_synced(manifest_path, json.dumps(doc).encode())
-            # both files are on disk under temporary names: rename them, then make the renames
-            # durable with one flush of the directory, before the store says "completed"
-            os.replace(partial, dst)
-            os.replace(manifest_tmp, manifest_path)
-            fsync_dir(dst.parent)
             wall = time.perf_counter() - t0
+            result: dict[str, Any] = {"counts": entry.get("counts", {}),
+                                      "seconds": round(wall, 3)}
+            for k in ("distinct_objects", "width", "height", "frames", "duration_s", "fps"):
+                if k in entry:
+                    result[k] = entry[k]
+            now = time.time()
+            lease.closing()
+            done = self.store.finish_job(
+                job.id, owner=owner, status="completed", now=now,
+                expires_at=now + self.settings.retention_hours * 3600, result=result,
+                webhook=webhook_event(self.settings.public_url), publish=publish)
+        except JobAbandoned as exc:
+            discard()
+            if self._abandon.is_set() and self.store.release_lease(job.id, owner):
+                log.info("job %s stopped and given back: %s", job.id, exc)
+            else:
+                log.warning("job %s abandoned: %s", job.id, exc)
+            return
         except Exception as exc:
-            for leftover in (partial, manifest_tmp):
-                if leftover is not None:
-                    with contextlib.suppress(OSError):
-                        leftover.unlink()
+            discard()
             status, code = classify(exc)
             if status >= 500:
                 log.error("job %s failed: %s", job.id, exc, exc_info=code == "internal_error")
             else:
                 log.info("job %s failed: %s", job.id, exc)
             message = str(exc) if code != "internal_error" else "internal error while redacting"
-            self._fail(job, code, message)
+            self._fail(job, code, message, lease)
             self.metrics.processing_seconds.labels(job.kind).observe(time.perf_counter() - t0)
             return
-        result: dict[str, Any] = {"counts": entry.get("counts", {}), "seconds": round(wall, 3)}
-        for k in ("distinct_objects", "width", "height", "frames", "duration_s", "fps"):
-            if k in entry:
-                result[k] = entry[k]
-        now = time.time()
-        done = self.store.finish_job(
-            job.id, status="completed", now=now,
-            expires_at=now + self.settings.retention_hours * 3600, result=result,
-            webhook=webhook_event(self.settings.public_url))
+        if done is None:  # the lease was lost: another worker has the job; nothing published
+            discard()
+            log.warning("job %s: finished after its lease was lost; the result is discarded "
+                        "(another worker has the job)", job.id)
+            return
         self.metrics.jobs_finished.labels(job.kind, "completed").inc()
         self.metrics.processing_seconds.labels(job.kind).observe(wall)
         if job.kind == "video" and entry.get("frames"):
@@ -441,20 +546,26 @@ class WorkerPool:
         log.info("job %s: completed in %.2f s, counts %s", job.id, wall, result["counts"])
         self._after_finish(job, done)
 
-    def _fail(self, job: Job, code: str, message: str) -> None:
+    def _fail(self, job: Job, code: str, message: str, lease: Lease | None = None) -> None:
         now = time.time()
+        assert job.lease_owner is not None, "a claimed job has an owner"
+        if lease is not None:
+            lease.closing()
         done = self.store.finish_job(
-            job.id, status="failed", now=now,
+            job.id, owner=job.lease_owner, status="failed", now=now,
             expires_at=now + self.settings.retention_hours * 3600, error_code=code,
             error_message=message[:1000], refund=True,
             webhook=webhook_event(self.settings.public_url))
+        if done is None:
+            log.warning("job %s: failure (%s) not recorded: its lease was lost", job.id, code)
+            return
         self.metrics.jobs_finished.labels(job.kind, "failed").inc()
         with contextlib.suppress(OSError):
             self.layout.output(job).unlink()
         self._after_finish(job, done)
 
-    def _after_finish(self, job: Job, done: Job | None) -> None:
-        if done is None or done.deleted:  # deleted while it ran: nothing of it stays
+    def _after_finish(self, job: Job, done: Job) -> None:
+        if done.deleted:  # deleted while it ran: nothing of it stays
             self.layout.remove_files(job.id)
             return
         if not self.settings.keep_input:
@@ -485,7 +596,12 @@ class Sweeper:
         return self._thread.is_alive()
 
     def sweep(self, now: float | None = None) -> int:
-        """Expire what is due now; returns how many jobs were expired."""
+        """Expire what is due now; returns how many jobs were expired. Also closes jobs
+        deleted while a worker that has since died was redacting them, and removes their
+        files."""
+        for job_id in self.store.reap_abandoned(time.time()):
+            self.layout.remove_files(job_id)
+            log.info("job %s: deleted while processing, its worker gone: files removed", job_id)
         ids = self.store.due_for_expiry(time.time() if now is None else now)
         for job_id in ids:
             self.layout.remove_files(job_id)

@@ -1,12 +1,14 @@
-"""Per-key request rate limits (a fixed one-minute window, in memory) and monthly quotas."""
+"""Per-key request rate limits (a fixed one-minute window, kept in the store: shared by every
+API process on it and kept across restarts) and monthly quotas."""
 
 from __future__ import annotations
 
 import calendar
 import math
-import threading
 import time
 from dataclasses import dataclass
+
+from gateway.store import Store
 
 WINDOW_S = 60.0
 
@@ -30,26 +32,16 @@ class RateState:
 
 
 class RateLimiter:
-    """Counts requests per key in windows of one minute aligned to the key's first request."""
+    """Counts requests per key in windows of one minute aligned to the key's first request
+    (wall-clock time, so a window outlives the process that opened it)."""
 
-    def __init__(self, window_s: float = WINDOW_S) -> None:
+    def __init__(self, store: Store, window_s: float = WINDOW_S) -> None:
+        self.store = store
         self.window_s = window_s
-        self._windows: dict[str, tuple[float, int]] = {}
-        self._lock = threading.Lock()
 
     def hit(self, key_id: str, limit: int, now: float | None = None) -> RateState:
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            start, count = self._windows.get(key_id, (now, 0))
-            if now - start >= self.window_s:
-                start, count = now, 0
-            allowed = count < limit
-            if allowed:
-                count += 1
-            self._windows[key_id] = (start, count)
-            if len(self._windows) > 10_000:  # forget idle keys
-                self._windows = {k: v for k, v in self._windows.items()
-                                 if now - v[0] < self.window_s}
+        now = time.time() if now is None else now
+        allowed, count, start = self.store.rate_hit(key_id, limit, now, self.window_s)
         reset = math.ceil(start + self.window_s - now)
         return RateState(allowed, limit, max(0, limit - count), max(0, reset))
 

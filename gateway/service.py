@@ -1,6 +1,10 @@
-"""Everything one running service holds: store, workers, webhooks, sweeper, limits, metrics.
+"""The API's side of a running service: store, file layout, rate limiter, upload checks and
+metrics; and, unless ``settings.embedded_worker`` is off (``redact serve --no-worker``), one
+in-process :class:`~gateway.worker.Worker` (job workers, webhook deliveries, sweeper, models).
 
-Built and started by the app's lifespan (models load then, never at import)."""
+Built and started by the app's lifespan (models load then, never at import). Workers in other
+processes (``redact worker``) share the store and the files; the API learns whether any is
+alive from their heartbeats."""
 
 from __future__ import annotations
 
@@ -9,13 +13,12 @@ import shutil
 import threading
 import time
 
-from engines.registry import available_categories
-from gateway.jobs import Layout, RedactorCache, Sweeper, WorkerPool
+from gateway.jobs import Layout, Sweeper, WorkerPool
 from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from gateway.store import Store
-from gateway.webhooks import Deliverer
+from gateway.worker import Worker, heartbeat_window
 
 log = logging.getLogger(__name__)
 
@@ -28,79 +31,71 @@ class Service:
         self.layout = Layout(settings.data_dir)
         self.store: Store | None = None
         self.metrics = Metrics(lambda: self.store)
-        self.limiter = RateLimiter()
-        self.redactors = RedactorCache(settings.detector_threads)
+        self._limiter: RateLimiter | None = None
         self.validate_slots = threading.BoundedSemaphore(settings.validate_concurrency)
-        self.models_ready = threading.Event()
-        self.warmup_error: str | None = None
-        self.pool: WorkerPool | None = None
-        self.deliverer: Deliverer | None = None
-        self.sweeper: Sweeper | None = None
+        self.worker: Worker | None = None
 
     @property
     def db(self) -> Store:
         assert self.store is not None, "service not started"
         return self.store
 
+    @property
+    def limiter(self) -> RateLimiter:
+        assert self._limiter is not None, "service not started"
+        return self._limiter
+
+    @property
+    def pool(self) -> WorkerPool | None:
+        """The in-process job workers (None with ``--no-worker``)."""
+        return self.worker.pool if self.worker else None
+
+    @property
+    def sweeper(self) -> Sweeper | None:
+        return self.worker.sweeper if self.worker else None
+
+    @property
+    def warmup_error(self) -> str | None:
+        return self.worker.warmup_error if self.worker else None
+
     def start(self) -> None:
-        """Open the store, queue again what a dead process left, start the threads."""
+        """Open the store and start the in-process worker (if any). Jobs a dead process left
+        are not touched here: a worker takes each over once its lease has run out."""
         self.layout.create()
         self.store = Store(self.settings.db_path)
-        again = self.store.requeue_unfinished()
-        if again:
-            log.warning("%d job(s) interrupted by a restart are queued again: %s",
-                        len(again), ", ".join(again[:10]))
-        waiting = self.store.count_waiting()
-        self.deliverer = Deliverer(
-            self.store, self._secret_of, timeout_s=self.settings.webhook_timeout_s,
-            max_attempts=self.settings.webhook_max_attempts,
-            backoff_s=self.settings.webhook_backoff_s,
-            backoff_max_s=self.settings.webhook_backoff_max_s,
-            allow_private=self.settings.webhook_allow_private,
-            on_attempt=lambda outcome: self.metrics.webhook_attempts.labels(outcome).inc())
-        self.pool = WorkerPool(self.store, self.layout, self.settings, self.metrics,
-                               self.redactors, self.deliverer.wake)
-        self.sweeper = Sweeper(self.store, self.layout, self.settings.sweep_interval_s)
-        threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
-        self.pool.start()
-        self.deliverer.start()
-        self.sweeper.start()
-        log.info("service started: data in %s, %d worker(s), %d job(s) waiting",
-                 self.settings.data_dir, self.settings.workers, waiting)
+        self._limiter = RateLimiter(self.store)
+        if self.settings.embedded_worker:
+            self.worker = Worker(self.settings, self.store, self.layout, self.metrics)
+            self.worker.start()
+        log.info("service started: data in %s, %s, %d job(s) waiting", self.settings.data_dir,
+                 f"{self.settings.workers} in-process job worker(s)" if self.worker
+                 else "no in-process worker (jobs run in `redact worker` processes)",
+                 self.store.count_waiting())
 
     def stop(self) -> None:
-        for part in (self.pool, self.deliverer, self.sweeper):
-            if part is not None:
-                part.stop()
+        if self.worker is not None:
+            self.worker.stop()
         if self.store is not None:
             self.store.close()
         log.info("service stopped")
 
-    def _secret_of(self, key_id: str) -> str | None:
-        key = self.db.key(key_id)
-        return key.webhook_secret if key and key.revoked_at is None else None
-
-    def _warm_up(self) -> None:
-        """Load the models of the default choice (every available category), for both kinds."""
-        t0 = time.perf_counter()
-        try:
-            redactor = self.redactors.get(list(available_categories()),
-                                         {"method": "blur", "methods": {}})
-            redactor.detector("image")
-            redactor.detector("video")
-            log.info("models loaded in %.1f s", time.perf_counter() - t0)
-        except Exception as exc:
-            self.warmup_error = f"{type(exc).__name__}: {exc}"
-            log.error("loading models failed: %s", exc)
-        finally:
-            self.models_ready.set()
+    def notify_workers(self) -> None:
+        """A job was queued: the in-process worker takes it at once (others poll)."""
+        if self.worker is not None:
+            self.worker.notify()
 
     def readiness(self) -> dict[str, bool]:
-        """Each check /readyz makes."""
-        checks = {"models": self.models_ready.is_set() and self.warmup_error is None,
-                  "workers": bool(self.pool and self.pool.alive()),
-                  "webhooks": bool(self.deliverer and self.deliverer.alive()),
-                  "sweeper": bool(self.sweeper and self.sweeper.alive())}
+        """Each check /readyz makes. Without an in-process worker: whether a live worker
+        (a recent heartbeat) exists, and whether one has its models loaded."""
+        if self.worker is not None:
+            checks = self.worker.readiness()
+        else:
+            try:
+                live = self.db.live_workers(
+                    time.time() - heartbeat_window(self.settings.lease_s))
+            except Exception:
+                live = []
+            checks = {"workers": bool(live), "models": any(w.ready for w in live)}
         try:
             self.db.count_waiting()
             checks["database"] = True
@@ -111,3 +106,13 @@ class Service:
         except OSError:
             checks["disk"] = False
         return checks
+
+    def readiness_error(self, checks: dict[str, bool]) -> dict[str, str] | None:
+        """Why /readyz says not ready, where one reason explains it."""
+        if self.warmup_error:
+            return {"code": "model_missing", "message": self.warmup_error}
+        if self.worker is None and not checks.get("workers", True):
+            return {"code": "no_worker",
+                    "message": "no `redact worker` has been seen on this data directory in the "
+                               f"last {heartbeat_window(self.settings.lease_s):.0f} s"}
+        return None

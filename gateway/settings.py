@@ -14,6 +14,8 @@ from typing import Any
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.leases import process_worker_id
+
 MB = 1024 * 1024
 
 
@@ -66,6 +68,13 @@ class Settings(BaseSettings):
     retention_hours: float = Field(default=24.0, gt=0)  # outputs kept this long after finishing
     keep_input: bool = False  # keep the unredacted upload until expiry (default: deleted at end)
     sweep_interval_s: float = Field(default=60.0, gt=0)
+    # work a worker claims (a job, a webhook delivery) is its for this long, renewed every
+    # third of it while it runs; a worker that dies or stalls loses it to another after this
+    lease_s: float = Field(default=30.0, gt=0)
+    # this process's name in leases and heartbeats (host:pid:random)
+    worker_id: str = Field(default_factory=process_worker_id, min_length=1, max_length=200)
+    # `redact serve` runs the workers in its own process too (`--no-worker`: the API alone)
+    embedded_worker: bool = True
 
     max_image_pixels: int = Field(default=64_000_000, ge=1)  # declared width x height
     max_video_pixels: int = Field(default=4096 * 2304, ge=1)  # per frame

@@ -1,10 +1,29 @@
-"""The service's state in one SQLite file (WAL): API keys (hashed), jobs, monthly usage and
-webhook deliveries.
+"""The service's state in one SQLite file (WAL): API keys (hashed), jobs, monthly usage,
+webhook deliveries, per-minute rate windows and the workers' heartbeats.
 
-One connection, shared by the event loop and the worker threads behind a lock; every write is
-its own transaction (or an explicit one), so a process killed at any moment leaves a consistent
-file. Other processes (``redact keys create`` while the server runs) may use the file at the
-same time.
+Callers use only the methods of :class:`Store` (no SQL outside this module), so another
+database (PostgreSQL) can stand beside SQLite with the same methods:
+
+- keys: ``create_key``, ``key_by_secret``, ``key``, ``list_keys``, ``revoke_key``
+- usage and limits: ``usage``, ``rate_hit``
+- jobs: ``insert_job``, ``job``, ``job_any``, ``list_jobs``, ``count_waiting``,
+  ``counts_by_status``, ``claim_next``, ``renew_lease``, ``release_lease``, ``set_progress``,
+  ``finish_job``, ``mark_deleted``, ``due_for_expiry``, ``mark_expired``, ``reap_abandoned``
+- webhook deliveries: ``add_delivery``, ``claim_delivery``, ``renew_delivery``,
+  ``record_attempt``, ``next_delivery_time``, ``deliveries_for``, ``delivery_counts``
+- workers: ``worker_seen``, ``remove_worker``, ``live_workers``
+- ``close``
+
+Work is shared by leases: a worker claims a job (or a webhook delivery) under an owner name
+until a time it keeps renewing; a claim whose lease ran out may be taken by another worker, and
+whatever the first owner writes after that is refused (``finish_job``, ``record_attempt``,
+``set_progress`` and ``renew_*`` are fenced by owner). Lease times are unix seconds, so the
+machines sharing a store need clocks that agree to well within a lease.
+
+One connection per process, shared by the event loop and the worker threads behind a lock;
+every write is its own transaction (or an explicit one), so a process killed at any moment
+leaves a consistent file. Other processes (``redact worker``, ``redact keys create``) use the
+file at the same time; ``BEGIN IMMEDIATE`` holds SQLite's write lock across all of them.
 """
 
 from __future__ import annotations
@@ -63,7 +82,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     completed_at REAL,
     expires_at REAL,
     expired INTEGER NOT NULL DEFAULT 0,
-    deleted INTEGER NOT NULL DEFAULT 0
+    deleted INTEGER NOT NULL DEFAULT 0,
+    lease_owner TEXT,
+    lease_expires_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_key ON jobs (key_id, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
@@ -87,10 +108,39 @@ CREATE TABLE IF NOT EXISTS deliveries (
     last_status_code INTEGER,
     last_error TEXT,
     created_at REAL NOT NULL,
-    finished_at REAL
+    finished_at REAL,
+    lease_owner TEXT,
+    lease_expires_at REAL
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (status, next_attempt_at);
+CREATE TABLE IF NOT EXISTS rate_windows (
+    key_id TEXT PRIMARY KEY,
+    started_at REAL NOT NULL,
+    count INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    seen_at REAL NOT NULL,
+    ready INTEGER NOT NULL DEFAULT 0
+);
 """
+
+# columns added since the first release: added to an older file when it is opened
+_ADDED_COLUMNS = {"jobs": (("lease_owner", "TEXT"), ("lease_expires_at", "REAL")),
+                  "deliveries": (("lease_owner", "TEXT"), ("lease_expires_at", "REAL"))}
+_DELIVERY_COLUMNS = ("id, job_id, key_id, url, event, body, status, attempts, next_attempt_at, "
+                     "last_status_code, last_error")
+# whether anything can be claimed (read without the write lock, before a claim takes it)
+_CLAIMABLE_JOB = ("SELECT 1 FROM jobs WHERE deleted = 0 AND (status = 'queued' OR "
+                  "(status = 'processing' AND coalesce(lease_expires_at, 0) <= ?)) LIMIT 1")
+_CLAIMABLE_DELIVERY = ("SELECT 1 FROM deliveries WHERE (status = 'pending' AND "
+                       "next_attempt_at <= ?) OR (status = 'sending' AND "
+                       "coalesce(lease_expires_at, 0) <= ?) LIMIT 1")
+RATE_SWEEP_EVERY = 1000  # rate_hit calls between two deletions of idle windows
+WORKER_ROWS_KEPT_S = 24 * 3600  # heartbeats of workers gone this long are deleted"""
 
 
 def hash_key(key: str) -> str:
@@ -145,6 +195,8 @@ class Job:
     expires_at: float | None
     expired: bool
     deleted: bool
+    lease_owner: str | None = None  # who holds the job while it is processing
+    lease_expires_at: float | None = None  # when another worker may take it over
 
 
 @dataclass(frozen=True)
@@ -162,6 +214,18 @@ class Delivery:
     last_error: str | None
 
 
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A worker process as its heartbeat records it; ``ready``: its models are loaded."""
+
+    id: str
+    host: str
+    pid: int
+    started_at: float
+    seen_at: float
+    ready: bool
+
+
 def _job(row: sqlite3.Row) -> Job:
     d = dict(row)
     d["categories"] = json.loads(d["categories"])
@@ -175,18 +239,30 @@ def _job(row: sqlite3.Row) -> Job:
 class Store:
     """Thread-safe access to the SQLite file at ``path`` (created with its schema if new)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.RLock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None,
-                                   timeout=30.0)
+                                   timeout=busy_timeout_s)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=30000")
+        self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        self._rate_calls = 0
         with self._lock:
             self._db.executescript(_SCHEMA)  # idempotent; executescript commits by itself
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the columns an older file lacks (under the write lock: processes opening the
+        file at the same time add each column once)."""
+        with self.transaction() as db:
+            for table, columns in _ADDED_COLUMNS.items():
+                have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+                for name, kind in columns:
+                    if name not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -328,43 +404,98 @@ class Store:
         sql += " ORDER BY seq DESC LIMIT ?"
         return [_job(r) for r in self._all(sql, (*args, limit))]
 
-    def claim_next(self, now: float) -> Job | None:
-        """Mark the oldest queued job processing and return it (None when none waits)."""
+    def claim_next(self, now: float, owner: str, lease_s: float) -> Job | None:
+        """Take the oldest job that is queued, or processing under a lease that ran out (its
+        worker died or stalled), for ``owner`` until ``now + lease_s``; each claim counts as an
+        attempt. None when there is nothing to take."""
+        if self._one(_CLAIMABLE_JOB, (now,)) is None:  # idle pollers take no write lock
+            return None
         with self.transaction() as db:
-            row = db.execute("SELECT seq FROM jobs WHERE status = 'queued' AND deleted = 0 "
-                             "ORDER BY seq LIMIT 1").fetchone()
-            if row is None:
+            seqs = [r["seq"] for r in (
+                db.execute("SELECT seq FROM jobs WHERE status = 'queued' AND deleted = 0 "
+                           "ORDER BY seq LIMIT 1").fetchone(),
+                db.execute("SELECT seq FROM jobs WHERE status = 'processing' AND deleted = 0 "
+                           "AND coalesce(lease_expires_at, 0) <= ? ORDER BY seq LIMIT 1",
+                           (now,)).fetchone()) if r is not None]
+            if not seqs:
                 return None
+            seq = min(seqs)
             db.execute("UPDATE jobs SET status = 'processing', started_at = ?, progress = 0, "
-                       "attempts = attempts + 1 WHERE seq = ?", (now, row["seq"]))
-            got = db.execute("SELECT * FROM jobs WHERE seq = ?", (row["seq"],)).fetchone()
+                       "attempts = attempts + 1, lease_owner = ?, lease_expires_at = ? "
+                       "WHERE seq = ?", (now, owner, now + lease_s, seq))
+            got = db.execute("SELECT * FROM jobs WHERE seq = ?", (seq,)).fetchone()
         return _job(got)
 
-    def requeue_unfinished(self) -> list[str]:
-        """At start-up: jobs left processing by a dead process wait again. Returns their ids."""
+    def renew_lease(self, job_id: str, owner: str, until: float) -> bool:
+        """Extend ``owner``'s lease on a processing job; False when it is no longer theirs
+        (taken over, finished, released)."""
+        return self._exec("UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND "
+                          "status = 'processing' AND lease_owner = ?",
+                          (until, job_id, owner)) > 0
+
+    def release_lease(self, job_id: str, owner: str) -> bool:
+        """Give a job back unfinished (a worker stopping cleanly): queued again at once, and
+        the attempt is not counted as an interruption."""
+        return self._exec("UPDATE jobs SET status = 'queued', progress = 0, lease_owner = NULL, "
+                          "lease_expires_at = NULL, attempts = max(attempts - 1, 0) "
+                          "WHERE id = ? AND status = 'processing' AND lease_owner = ?",
+                          (job_id, owner)) > 0
+
+    def reap_abandoned(self, now: float) -> list[str]:
+        """Jobs deleted while they were processing whose worker is gone (lease run out): they
+        are closed as failed (and not charged) and their ids returned, for their files to go."""
         with self.transaction() as db:
-            rows = db.execute("SELECT id FROM jobs WHERE status = 'processing'").fetchall()
-            db.execute("UPDATE jobs SET status = 'queued', progress = 0 "
-                       "WHERE status = 'processing'")
+            rows = db.execute("SELECT * FROM jobs WHERE status = 'processing' AND deleted = 1 "
+                              "AND coalesce(lease_expires_at, 0) <= ?", (now,)).fetchall()
+            for r in rows:
+                job = _job(r)
+                db.execute("UPDATE jobs SET status = 'failed', error_code = 'interrupted', "
+                           "error_message = 'deleted while processing', completed_at = ?, "
+                           "lease_owner = NULL, lease_expires_at = NULL WHERE id = ?",
+                           (now, job.id))
+                self._charge(db, job.key_id, month_of(job.created_at),
+                             -1 if job.kind == "image" else 0,
+                             -job.media_seconds if job.kind == "video" else 0.0)
         return [r["id"] for r in rows]
 
-    def set_progress(self, job_id: str, progress: float) -> None:
-        self._exec("UPDATE jobs SET progress = ? WHERE id = ? AND status = 'processing'",
-                   (progress, job_id))
+    def set_progress(self, job_id: str, progress: float, owner: str | None = None) -> None:
+        """Record progress of a processing job (only ``owner``'s, when given)."""
+        if owner is None:
+            self._exec("UPDATE jobs SET progress = ? WHERE id = ? AND status = 'processing'",
+                       (progress, job_id))
+        else:
+            self._exec("UPDATE jobs SET progress = ? WHERE id = ? AND status = 'processing' "
+                       "AND lease_owner = ?", (progress, job_id, owner))
 
-    def finish_job(self, job_id: str, *, status: str, now: float, expires_at: float,
-                   result: dict[str, Any] | None = None, error_code: str | None = None,
-                   error_message: str | None = None, refund: bool = False,
-                   webhook: Callable[[Job], tuple[str, str, bytes]] | None = None) -> Job | None:
+    def finish_job(self, job_id: str, *, owner: str, status: str, now: float,
+                   expires_at: float, result: dict[str, Any] | None = None,
+                   error_code: str | None = None, error_message: str | None = None,
+                   refund: bool = False,
+                   webhook: Callable[[Job], tuple[str, str, bytes]] | None = None,
+                   publish: Callable[[], None] | None = None) -> Job | None:
         """Record a job's end (completed or failed); ``refund`` returns its usage charge.
+
+        Fenced: only while the job is still processing under ``owner``'s lease; otherwise
+        (the lease was lost: another worker took the job over, or it was released) nothing is
+        written and None is returned. ``publish()`` (the renames that make the output visible)
+        runs under the same write lock, before the status changes, so two workers can never
+        both publish; it is skipped for a job deleted meanwhile, and an exception from it
+        leaves the job as it was.
 
         ``webhook(job)`` gives ``(event_id, event, body)`` of the webhook to send, stored in the
         same transaction (for jobs that asked for one and are not deleted): a process killed
         after this returns still sends it, and one killed before redoes the job.
         """
         with self.transaction() as db:
+            held = db.execute("SELECT deleted FROM jobs WHERE id = ? AND status = 'processing' "
+                              "AND lease_owner = ?", (job_id, owner)).fetchone()
+            if held is None:
+                return None
+            if publish is not None and not held["deleted"]:
+                publish()
             db.execute("UPDATE jobs SET status = ?, progress = ?, result = ?, error_code = ?, "
-                       "error_message = ?, completed_at = ?, expires_at = ? WHERE id = ?",
+                       "error_message = ?, completed_at = ?, expires_at = ?, "
+                       "lease_owner = NULL, lease_expires_at = NULL WHERE id = ?",
                        (status, 1.0 if status == "completed" else 0.0,
                         json.dumps(result) if result is not None else None, error_code,
                         error_message, now, expires_at, job_id))
@@ -406,33 +537,119 @@ class Store:
                    "next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
                    (event_id, job_id, key_id, url, event, body, now, now))
 
-    def due_deliveries(self, now: float, limit: int = 32) -> list[Delivery]:
-        rows = self._all("SELECT id, job_id, key_id, url, event, body, status, attempts, "
-                         "next_attempt_at, last_status_code, last_error FROM deliveries "
-                         "WHERE status = 'pending' AND next_attempt_at <= ? "
-                         "ORDER BY next_attempt_at LIMIT ?", (now, limit))
-        return [Delivery(**dict(r)) for r in rows]
+    def claim_delivery(self, now: float, owner: str, lease_s: float) -> Delivery | None:
+        """Take the delivery due longest (pending and due, or being sent under a claim that ran
+        out) for ``owner`` until ``now + lease_s``; None when none is due."""
+        if self._one(_CLAIMABLE_DELIVERY, (now, now)) is None:  # no write lock when idle
+            return None
+        with self.transaction() as db:
+            rows = [r for r in (
+                db.execute("SELECT id, next_attempt_at AS t FROM deliveries WHERE "
+                           "status = 'pending' AND next_attempt_at <= ? "
+                           "ORDER BY next_attempt_at LIMIT 1", (now,)).fetchone(),
+                db.execute("SELECT id, lease_expires_at AS t FROM deliveries WHERE "
+                           "status = 'sending' AND coalesce(lease_expires_at, 0) <= ? "
+                           "ORDER BY lease_expires_at LIMIT 1", (now,)).fetchone())
+                if r is not None]
+            if not rows:
+                return None
+            chosen = min(rows, key=lambda r: float(r["t"] or 0))["id"]
+            db.execute("UPDATE deliveries SET status = 'sending', lease_owner = ?, "
+                       "lease_expires_at = ? WHERE id = ?", (owner, now + lease_s, chosen))
+            row = db.execute(f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id = ?",
+                             (chosen,)).fetchone()
+        return Delivery(**dict(row))
+
+    def renew_delivery(self, delivery_id: str, owner: str, until: float) -> bool:
+        """Extend ``owner``'s claim on a delivery being sent; False when it is lost."""
+        return self._exec("UPDATE deliveries SET lease_expires_at = ? WHERE id = ? AND "
+                          "status = 'sending' AND lease_owner = ?",
+                          (until, delivery_id, owner)) > 0
 
     def next_delivery_time(self) -> float | None:
-        row = self._one("SELECT min(next_attempt_at) AS t FROM deliveries "
-                        "WHERE status = 'pending'")
+        """When the next delivery falls due (a retry, or a claim running out)."""
+        row = self._one("SELECT min(t) AS t FROM ("
+                        "SELECT min(next_attempt_at) AS t FROM deliveries "
+                        "WHERE status = 'pending' UNION ALL "
+                        "SELECT min(coalesce(lease_expires_at, 0)) AS t FROM deliveries "
+                        "WHERE status = 'sending')")
         return float(row["t"]) if row and row["t"] is not None else None
 
-    def record_attempt(self, delivery_id: str, *, status: str, status_code: int | None,
-                       error: str | None, next_attempt_at: float, now: float) -> None:
-        """One delivery attempt: ``status`` pending (retry at ``next_attempt_at``), delivered
-        or failed (given up)."""
-        self._exec("UPDATE deliveries SET attempts = attempts + 1, status = ?, "
-                   "last_status_code = ?, last_error = ?, next_attempt_at = ?, "
-                   "finished_at = CASE WHEN ? = 'pending' THEN NULL ELSE ? END WHERE id = ?",
-                   (status, status_code, error, next_attempt_at, status, now, delivery_id))
+    def record_attempt(self, delivery_id: str, *, owner: str, status: str,
+                       status_code: int | None, error: str | None, next_attempt_at: float,
+                       now: float) -> bool:
+        """One delivery attempt by the claim's ``owner``: ``status`` pending (retry at
+        ``next_attempt_at``), delivered or failed (given up). False (nothing written) when the
+        claim was lost to another worker."""
+        return self._exec(
+            "UPDATE deliveries SET attempts = attempts + 1, status = ?, last_status_code = ?, "
+            "last_error = ?, next_attempt_at = ?, lease_owner = NULL, lease_expires_at = NULL, "
+            "finished_at = CASE WHEN ? = 'pending' THEN NULL ELSE ? END "
+            "WHERE id = ? AND status = 'sending' AND lease_owner = ?",
+            (status, status_code, error, next_attempt_at, status, now, delivery_id,
+             owner)) > 0
 
     def deliveries_for(self, job_id: str) -> list[Delivery]:
-        rows = self._all("SELECT id, job_id, key_id, url, event, body, status, attempts, "
-                         "next_attempt_at, last_status_code, last_error FROM deliveries "
-                         "WHERE job_id = ? ORDER BY created_at", (job_id,))
+        rows = self._all(f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE job_id = ? "
+                         "ORDER BY created_at", (job_id,))
         return [Delivery(**dict(r)) for r in rows]
 
     def delivery_counts(self) -> dict[str, int]:
+        """Deliveries by state: pending (one being sent counts as pending), delivered,
+        failed."""
         rows = self._all("SELECT status, count(*) AS n FROM deliveries GROUP BY status")
-        return {r["status"]: int(r["n"]) for r in rows}
+        out: dict[str, int] = {}
+        for r in rows:
+            state = "pending" if r["status"] == "sending" else r["status"]
+            out[state] = out.get(state, 0) + int(r["n"])
+        return out
+
+    # ----------------------------------------------------------------------------------------
+    # per-minute rate windows
+
+    def rate_hit(self, key_id: str, limit: int, now: float,
+                 window_s: float) -> tuple[bool, int, float]:
+        """Count one request of ``key_id`` against its window (``window_s`` long, from the
+        first request after the last window ended): ``(allowed, count, window start)``; a
+        request over ``limit`` is not counted. Shared by every process on the store, and kept
+        across restarts."""
+        with self.transaction() as db:
+            row = db.execute("SELECT started_at, count FROM rate_windows WHERE key_id = ?",
+                             (key_id,)).fetchone()
+            start, count = (float(row["started_at"]), int(row["count"])) if row else (now, 0)
+            if not start <= now < start + window_s:  # ended (or the clock went back)
+                start, count = now, 0
+            allowed = count < limit
+            if allowed:
+                count += 1
+                db.execute("INSERT INTO rate_windows (key_id, started_at, count) "
+                           "VALUES (?, ?, ?) ON CONFLICT (key_id) DO UPDATE SET "
+                           "started_at = excluded.started_at, count = excluded.count",
+                           (key_id, start, count))
+            self._rate_calls += 1
+            if self._rate_calls % RATE_SWEEP_EVERY == 0:  # forget idle keys
+                db.execute("DELETE FROM rate_windows WHERE started_at < ?", (now - window_s,))
+        return allowed, count, start
+
+    # ----------------------------------------------------------------------------------------
+    # workers
+
+    def worker_seen(self, worker_id: str, *, host: str, pid: int, started_at: float,
+                    now: float, ready: bool) -> None:
+        """A worker's heartbeat (``ready``: its models are loaded)."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO workers (id, host, pid, started_at, seen_at, ready) "
+                       "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                       "seen_at = excluded.seen_at, ready = excluded.ready",
+                       (worker_id, host, pid, started_at, now, int(ready)))
+            db.execute("DELETE FROM workers WHERE seen_at < ?", (now - WORKER_ROWS_KEPT_S,))
+
+    def remove_worker(self, worker_id: str) -> None:
+        """A worker stopped cleanly."""
+        self._exec("DELETE FROM workers WHERE id = ?", (worker_id,))
+
+    def live_workers(self, since: float) -> list[WorkerInfo]:
+        """Workers whose last heartbeat is at ``since`` or later."""
+        rows = self._all("SELECT id, host, pid, started_at, seen_at, ready FROM workers "
+                         "WHERE seen_at >= ? ORDER BY started_at", (since,))
+        return [WorkerInfo(**{**dict(r), "ready": bool(r["ready"])}) for r in rows]

@@ -1,8 +1,12 @@
 """Signed webhook deliveries, persisted and retried with exponential backoff.
 
 Each event is stored (body and id fixed) before it is sent, so retries send the same bytes with
-the same ``X-Redact-Event-Id`` and a restart carries on where the last process stopped. The
-signature header is ``t=<unix seconds>,v1=<hex HMAC-SHA256(webhook_secret, "<t>.<body>")>``.
+the same ``X-Redact-Event-Id`` and a restart carries on where the last process stopped. Each
+attempt is claimed in the store under a lease before it is sent (:meth:`Store.claim_delivery`)
+and recorded only by the claim's owner, so workers sharing a store never send the same attempt;
+a claim whose worker died falls due again when its lease runs out. ``X-Redact-Attempt`` numbers
+the attempts of an event from 1. The signature header is
+``t=<unix seconds>,v1=<hex HMAC-SHA256(webhook_secret, "<t>.<body>")>``.
 
 A webhook URL's host is resolved and checked (no private, loopback or link-local address unless
 the operator allows them) when the job is submitted and again before every attempt, and the
@@ -28,6 +32,7 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
+from gateway.leases import Lease, LeaseKeeper, claim_owner
 from gateway.store import Delivery, Store
 
 log = logging.getLogger(__name__)
@@ -133,14 +138,20 @@ class Deliverer:
     """A thread that sends due deliveries, records each attempt and schedules retries.
 
     ``secret_of(key_id)`` gives the signing secret; ``on_attempt(outcome)`` is told
-    ``delivered``, ``retry`` or ``failed`` (metrics).
+    ``delivered``, ``retry`` or ``failed`` (metrics). Each attempt is claimed for
+    ``worker_id`` under a lease of ``lease_s``, renewed by ``keeper`` while it is sent.
     """
 
     def __init__(self, store: Store, secret_of: Callable[[str], str | None], *,
                  timeout_s: float, max_attempts: int, backoff_s: float, backoff_max_s: float,
                  allow_private: bool,
-                 on_attempt: Callable[[str], None] | None = None) -> None:
+                 on_attempt: Callable[[str], None] | None = None, worker_id: str = "webhooks",
+                 lease_s: float = 30.0, keeper: LeaseKeeper | None = None) -> None:
         self.store = store
+        self.worker_id = worker_id
+        self.lease_s = lease_s
+        self._own_keeper = keeper is None
+        self.keeper = keeper or LeaseKeeper(lease_s)
         self.secret_of = secret_of
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
@@ -155,6 +166,8 @@ class Deliverer:
         self._client = pinned_client(self._backend, timeout_s)
 
     def start(self) -> None:
+        if self._own_keeper:
+            self.keeper.start()
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -162,9 +175,11 @@ class Deliverer:
         self._wake.set()
         self._thread.join(timeout_s)
         self._client.close()
+        if self._own_keeper:
+            self.keeper.stop()
 
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and self.keeper.alive()
 
     def wake(self) -> None:
         """A new delivery is waiting."""
@@ -173,10 +188,14 @@ class Deliverer:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                for d in self.store.due_deliveries(time.time()):
-                    if self._stop.is_set():
-                        return
-                    self._attempt(d)
+                while not self._stop.is_set():
+                    owner = claim_owner(self.worker_id)
+                    d = self.store.claim_delivery(time.time(), owner, self.lease_s)
+                    if d is None:
+                        break
+                    with self.keeper.held(f"webhook {d.id}",
+                                          self._renewer(d.id, owner)) as lease:
+                        self._attempt(d, owner, lease)
                 nxt = self.store.next_delivery_time()
             except Exception:
                 log.exception("webhook loop error")
@@ -189,12 +208,27 @@ class Deliverer:
         """Delay before the next try after ``attempts_made`` failed ones (1, 2, 4 ... x base)."""
         return float(min(self.backoff_max_s, self.backoff_s * 2 ** (attempts_made - 1)))
 
-    def _attempt(self, d: Delivery) -> None:
+    def _renewer(self, delivery_id: str, owner: str) -> Callable[[float], bool]:
+        return lambda until: self.store.renew_delivery(delivery_id, owner, until)
+
+    def _record(self, d: Delivery, owner: str, lease: Lease, *, status: str,
+                code: int | None, error: str | None, next_attempt_at: float) -> bool:
+        lease.closing()
+        kept = self.store.record_attempt(d.id, owner=owner, status=status, status_code=code,
+                                         error=error, next_attempt_at=next_attempt_at,
+                                         now=time.time())
+        if not kept:
+            log.warning("webhook %s for job %s: attempt %d made after its claim was lost to "
+                        "another worker; not recorded", d.id, d.job_id, d.attempts + 1)
+        return kept
+
+    def _attempt(self, d: Delivery, owner: str, lease: Lease) -> None:
         now = time.time()
         code: int | None = None
         error: str | None = None
         permanent = False
         secret = self.secret_of(d.key_id)
+        made = d.attempts + 1
         try:
             if secret is None:
                 raise WebhookUrlError("the key that asked for this webhook was revoked")
@@ -203,30 +237,30 @@ class Deliverer:
             ts = int(now)
             r = self._client.post(d.url, content=d.body, headers={
                 "Content-Type": "application/json", "X-Redact-Event-Id": d.id,
-                "X-Redact-Event": d.event, "X-Redact-Signature": sign(secret, d.body, ts)})
+                "X-Redact-Event": d.event, "X-Redact-Attempt": str(made),
+                "X-Redact-Signature": sign(secret, d.body, ts)})
             code = r.status_code
             if 200 <= code < 300:
-                self.store.record_attempt(d.id, status="delivered", status_code=code,
-                                          error=None, next_attempt_at=now, now=time.time())
-                log.info("webhook %s for job %s delivered (%d)", d.id, d.job_id, code)
-                self.on_attempt("delivered")
+                if self._record(d, owner, lease, status="delivered", code=code, error=None,
+                                next_attempt_at=now):
+                    log.info("webhook %s for job %s delivered (%d)", d.id, d.job_id, code)
+                    self.on_attempt("delivered")
                 return
             error = f"HTTP {code}"
         except WebhookUrlError as exc:
             error, permanent = str(exc), True
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"[:500]
-        made = d.attempts + 1
         if permanent or made >= self.max_attempts:
-            self.store.record_attempt(d.id, status="failed", status_code=code, error=error,
-                                      next_attempt_at=now, now=time.time())
-            log.warning("webhook %s for job %s to %s given up after %d attempt(s): %s",
-                        d.id, d.job_id, _scrub(d.url), made, error)
-            self.on_attempt("failed")
+            if self._record(d, owner, lease, status="failed", code=code, error=error,
+                            next_attempt_at=now):
+                log.warning("webhook %s for job %s to %s given up after %d attempt(s): %s",
+                            d.id, d.job_id, _scrub(d.url), made, error)
+                self.on_attempt("failed")
             return
         delay = self.backoff(made)
-        self.store.record_attempt(d.id, status="pending", status_code=code, error=error,
-                                  next_attempt_at=time.time() + delay, now=time.time())
-        log.info("webhook %s for job %s failed (%s); retry %d in %.1f s", d.id, d.job_id,
-                 error, made + 1, delay)
-        self.on_attempt("retry")
+        if self._record(d, owner, lease, status="pending", code=code, error=error,
+                        next_attempt_at=time.time() + delay):
+            log.info("webhook %s for job %s failed (%s); retry %d in %.1f s", d.id, d.job_id,
+                     error, made + 1, delay)
+            self.on_attempt("retry")

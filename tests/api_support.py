@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -14,7 +15,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -105,12 +106,15 @@ def wait_ready(url: str, timeout_s: float = 60.0) -> None:
 
 
 class SubprocessServer:
-    """``redact serve`` as a child process (so it can be killed like a crashed service)."""
+    """``redact serve`` as a child process (so it can be killed like a crashed service);
+    ``args``: more options, e.g. ``("--no-worker",)``."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.env = {**os.environ, "REDACT_DATA_DIR": str(data_dir), **(env or {})}
+        self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = data_dir.parent / f"serve-{self.port}.log"
 
@@ -122,7 +126,8 @@ class SubprocessServer:
         self.port = free_port()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "serve", "--port", str(self.port)],
+                [sys.executable, "-m", "gateway.cli", "serve", "--port", str(self.port),
+                 *self.args],
                 cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_ready(self.url)
@@ -144,6 +149,49 @@ class SubprocessServer:
         return result
 
 
+class WorkerProcess:
+    """``redact worker`` as a child process, to be killed, paused and resumed."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str], name: str) -> None:
+        self.data_dir = data_dir
+        self.env = {**os.environ, "REDACT_DATA_DIR": str(data_dir), **env}
+        self.log = data_dir.parent / f"worker-{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *args: str) -> WorkerProcess:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "worker", *args], cwd=REPO, env=self.env,
+                stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL (after a SIGCONT, in case it was paused)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        """SIGTERM, and the exit status."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.terminate()
+        return self.proc.wait(timeout_s)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
 # ------------------------------------------------------------------------------------------
 # webhook receiver
 
@@ -157,12 +205,15 @@ class Received:
 
 @dataclass
 class Receiver:
-    """An HTTP server on loopback recording POSTs; answers ``codes`` in turn, then 200."""
+    """An HTTP server on loopback recording POSTs; answers ``codes`` in turn, then 200 (or
+    what ``answer(request, earlier requests)`` says), each after ``delay_s``."""
 
     codes: list[int] = field(default_factory=list)
     got: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: ThreadingHTTPServer | None = None
+    answer: Callable[[Received, list[Received]], int] | None = None
+    delay_s: float = 0.0
 
     def start(self) -> Receiver:
         receiver = self
@@ -171,10 +222,15 @@ class Receiver:
             def do_POST(self) -> None:
                 n = int(self.headers.get("Content-Length", "0"))
                 body = self.rfile.read(n)
+                got = Received({k.lower(): v for k, v in self.headers.items()}, body,
+                               time.time())
                 with receiver.lock:
-                    receiver.got.append(Received({k.lower(): v for k, v in
-                                                  self.headers.items()}, body, time.time()))
-                    code = receiver.codes.pop(0) if receiver.codes else 200
+                    earlier = list(receiver.got)
+                    receiver.got.append(got)
+                    code = (receiver.codes.pop(0) if receiver.codes
+                            else receiver.answer(got, earlier) if receiver.answer else 200)
+                if receiver.delay_s:
+                    time.sleep(receiver.delay_s)
                 self.send_response(code)
                 self.send_header("Content-Length", "2")
                 self.end_headers()

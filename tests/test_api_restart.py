@@ -1,6 +1,7 @@
 """Nothing accepted is lost: ``redact serve`` killed with SIGKILL in the middle of a job is
-started again and finishes every job it had accepted; a webhook whose delivery failed before
-the kill is retried after the restart with the same event id."""
+started again and finishes every job it had accepted (the killed process's job once its lease
+has run out); a webhook whose delivery failed before the kill is retried after the restart with
+the same event id."""
 
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ def test_killed_mid_job_then_restarted_finishes_every_job(tmp_path: Path,
     data_dir = tmp_path / "data"
     srv = SubprocessServer(data_dir, env={
         "REDACT_WORKERS": "1", "REDACT_DETECTOR_THREADS": "1",
-        "REDACT_WEBHOOK_ALLOW_PRIVATE": "1", "REDACT_WEBHOOK_BACKOFF_S": "2"})
+        "REDACT_WEBHOOK_ALLOW_PRIVATE": "1", "REDACT_WEBHOOK_BACKOFF_S": "2",
+        # the restarted process takes over the killed one's job once its lease runs out
+        "REDACT_LEASE_S": "3"})
     created = srv.cli("keys", "create", "--name", "restart", "--plan", "scale")
     key = ApiKeyInfo(created["id"], created["key"], created["webhook_secret"], "scale")
     try:

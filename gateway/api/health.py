@@ -16,13 +16,15 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: models loaded, workers, database and disk")
+@router.get("/readyz", summary="Readiness: models loaded, workers (in this process or a live "
+                                "`redact worker`), database and disk")
 def readyz(service: ServiceDep) -> JSONResponse:
     checks = service.readiness()
     ready = all(checks.values())
     body: dict[str, object] = {"status": "ready" if ready else "not_ready", "checks": checks}
-    if not ready and service.warmup_error:
-        body["error"] = {"code": "model_missing", "message": service.warmup_error}
+    error = None if ready else service.readiness_error(checks)
+    if error:
+        body["error"] = error
     return JSONResponse(body, status_code=200 if ready else 503)
 
 

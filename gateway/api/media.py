@@ -180,8 +180,7 @@ async def create_media(request: Request, key: KeyDep, service: ServiceDep) -> JS
         upload.discard()
         service.metrics.uploads.labels("error").inc()
         raise
-    assert service.pool is not None
-    service.pool.notify()
+    service.notify_workers()
     service.metrics.uploads.labels("accepted").inc()
     service.metrics.upload_bytes.inc(upload.size)
     log.info("job %s queued: %s, %d bytes, key %s", job_id, inspected.kind, upload.size, key.id)
