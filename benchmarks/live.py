@@ -29,9 +29,10 @@ import av
 import numpy as np
 
 from engines.redact import Method, Style
-from engines.registry import VIDEO_PROFILE, build_detector, resolve_categories
+from engines.registry import resolve_categories
 from pipeline.live import LiveOptions, LiveStream, Status, no_signal_frame
 from pipeline.rtsp_server import RtspServer
+from pipeline.settings import RedactSettings
 from tests.conftest import fill_fraction, region
 from tests.live_helpers import Camera, read_stamp
 
@@ -63,8 +64,8 @@ def run(seconds: float, width: int, height: int, fps: float, delay: int,
     cam = Camera(fps=fps, width=width, height=height)
     server = RtspServer(port=0)
     mount = server.add_mount("out")
-    stream = LiveStream("bench", cam_url, lambda: build_detector(categories, VIDEO_PROFILE),
-                        Style(Method.FILL, fill_bgr=MAGENTA),
+    stream = LiveStream("bench", cam_url,
+                        RedactSettings(categories, Style(Method.FILL, fill_bgr=MAGENTA)),
                         LiveOptions(width=width, height=height, fps=fps, delay_frames=delay),
                         sinks=[mount.push])
     mount.on_viewer = stream.request_keyframe
@@ -193,8 +194,8 @@ def run_restarts(cycles: int, down_s: float, width: int, height: int,
     cam = camera()
     server = RtspServer(port=0)
     mount = server.add_mount("out")
-    stream = LiveStream("restarts", url, lambda: build_detector(("faces",), VIDEO_PROFILE),
-                        Style(Method.FILL, fill_bgr=MAGENTA),
+    stream = LiveStream("restarts", url,
+                        RedactSettings(("faces",), Style(Method.FILL, fill_bgr=MAGENTA)),
                         LiveOptions(width=width, height=height, fps=fps), sinks=[mount.push])
     mount.on_viewer = stream.request_keyframe
     stream.start()

@@ -47,9 +47,9 @@ import av
 
 from engines.errors import RedactionError
 from engines.redact import Method, Style
-from engines.registry import VIDEO_PROFILE, build_detector, resolve_categories
-from pipeline.config import apply_sets
+from engines.registry import resolve_categories
 from pipeline.files import RedactSettings
+from pipeline.settings import apply_sets
 from pipeline.video import VideoOptions, VideoReport, redact_video
 
 log = logging.getLogger(__name__)
@@ -404,11 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         categories = resolve_categories(args.categories.split(","))
         per = apply_sets({}, args.sets)
-        settings = RedactSettings(categories=categories, per_category=per)
+        settings = RedactSettings(categories=categories, style=style, per_category=per)
     except ValueError as exc:
         print(f"throughput: {exc}", file=sys.stderr)
         return 2
-    detector = build_detector(settings.categories, VIDEO_PROFILE, settings.per_category)
+    detector = settings.detector("video")
+    style = settings.style  # with the per-category methods of --set
     setup_s = time.perf_counter() - t0
     rss_before = peak_rss_mib()
 

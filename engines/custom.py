@@ -69,10 +69,10 @@ from typing import Any
 import cv2
 import numpy as np
 
+from engines.backends import load_model
 from engines.detections import Detections, nms
 from engines.errors import DetectorError, ModelNotFoundError, RedactionError
 from engines.faces import ModelInfo
-from engines.models import onnx_session
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +347,8 @@ class CustomDetector:
 
     categories: tuple[str, ...]
 
-    def __init__(self, config: CustomModelConfig, threads: int = 0) -> None:
+    def __init__(self, config: CustomModelConfig, threads: int = 0, device: str = "cpu",
+                 shared: bool = True) -> None:
         self.config = config
         self.path = Path(config.path)
         where = f"custom model {config.name!r}"
@@ -356,7 +357,7 @@ class CustomDetector:
         data = self.path.read_bytes()
         self._sha256 = hashlib.sha256(data).hexdigest()
         try:
-            self._session = onnx_session(data, threads)
+            self._session = load_model(data, device=device, threads=threads, shared=shared)
         except Exception as e:  # onnxruntime raises its own (non-public) exception types
             raise CustomModelError(
                 f"{where}: onnxruntime cannot load {self.path} as an ONNX model: {e}") from e

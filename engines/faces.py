@@ -10,7 +10,6 @@ by non-maximum suppression.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +17,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from engines.backends import load_model
 from engines.detections import Detections, nms
-from engines.models import (
-    CENTERFACE,
-    YUNET,
-    ModelSpec,
-    dynamic_onnx_bytes,
-    onnx_session,
-    sha256_file,
-)
+from engines.models import CENTERFACE, YUNET, ModelSpec, dynamic_onnx_bytes, sha256_file
 
 CATEGORY = "faces"
 _STRIDE_ALIGN = 32
@@ -69,14 +62,16 @@ def _letterbox(image: np.ndarray, scale: float) -> tuple[np.ndarray, float, floa
 
 
 class _OnnxFaceModel:
-    """Shared plumbing: one session per detector object, safe to call from several threads."""
+    """Shared plumbing, safe to call from several threads. The model is loaded through
+    :func:`engines.backends.load_model` (once per process and device) with a dynamic batch, so
+    frames from several streams may share one run."""
 
     spec: ModelSpec
     input_name: str
 
     def __init__(self, threshold: float, scales: Sequence[float], model_path: str | None,
                  threads: int, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
-                 nms_iou: float = 0.3) -> None:
+                 nms_iou: float = 0.3, device: str = "cpu", shared: bool = True) -> None:
         if not scales or min(scales) <= 0:
             raise ValueError("input scales must be a non-empty list of positive numbers")
         if not 0.0 < threshold < 1.0:
@@ -86,9 +81,9 @@ class _OnnxFaceModel:
         self.max_input_pixels = int(max_input_pixels)
         self.nms_iou = nms_iou
         self.path: Path = self.spec.resolve(model_path)
-        self._session = onnx_session(
-            dynamic_onnx_bytes(self.path, {self.input_name: ["B", 3, "H", "W"]}), threads)
-        self._lock = threading.Lock()
+        self._session = load_model(
+            dynamic_onnx_bytes(self.path, {self.input_name: ["B", 3, "H", "W"]}),
+            device=device, threads=threads, batch=True, shared=shared)
 
     @property
     def info(self) -> ModelInfo:
@@ -143,8 +138,10 @@ class YuNet(_OnnxFaceModel):
 
     def __init__(self, threshold: float = 0.5, scales: Sequence[float] = (1.0,),
                  model_path: str | None = None, threads: int = 0,
-                 max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> None:
-        super().__init__(threshold, scales, model_path, threads, max_input_pixels)
+                 max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS, device: str = "cpu",
+                 shared: bool = True) -> None:
+        super().__init__(threshold, scales, model_path, threads, max_input_pixels,
+                         device=device, shared=shared)
         self._outputs = [f"{k}_{s}" for s in self._strides for k in ("cls", "obj", "bbox")]
 
     def _detect_scaled(self, image: np.ndarray, scale: float,
@@ -210,8 +207,10 @@ class YuNetPhoto(YuNet):
 
     def __init__(self, threshold: float = 0.3, scales: Sequence[float] = (1.0, 2.0, 3.0),
                  model_path: str | None = None, threads: int = 0,
-                 max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> None:
-        super().__init__(threshold, scales, model_path, threads, max_input_pixels)
+                 max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS, device: str = "cpu",
+                 shared: bool = True) -> None:
+        super().__init__(threshold, scales, model_path, threads, max_input_pixels,
+                         device=device, shared=shared)
 
     def _pass_threshold(self, enlarged: bool) -> float:
         return self.threshold * self.ENLARGED_THRESHOLD_RATIO if enlarged else self.threshold
@@ -237,8 +236,10 @@ class CenterFace(_OnnxFaceModel):
 
     def __init__(self, threshold: float = 0.4, scales: Sequence[float] = (1.0,),
                  model_path: str | None = None, threads: int = 0,
-                 max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> None:
-        super().__init__(threshold, scales, model_path, threads, max_input_pixels)
+                 max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS, device: str = "cpu",
+                 shared: bool = True) -> None:
+        super().__init__(threshold, scales, model_path, threads, max_input_pixels,
+                         device=device, shared=shared)
 
     def _detect_scaled(self, image: np.ndarray, scale: float,
                        threshold: float) -> tuple[np.ndarray, np.ndarray]:

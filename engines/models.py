@@ -10,7 +10,6 @@ import hashlib
 import importlib.resources
 import logging
 import os
-import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -124,9 +123,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-_session_lock = threading.Lock()
-
-
 def dynamic_onnx_bytes(path: Path, input_dims: dict[str, list[Any]]) -> bytes:
     """The model at ``path`` with its inputs' (and so outputs') sizes made dynamic.
 
@@ -145,22 +141,3 @@ def dynamic_onnx_bytes(path: Path, input_dims: dict[str, list[Any]]) -> bytes:
     outputs = {o.name: [-1] * len(o.type.tensor_type.shape.dim) for o in model.graph.output}
     model = update_inputs_outputs_dims(model, inputs, outputs)
     return bytes(model.SerializeToString())
-
-
-def onnx_session(model_bytes: bytes, threads: int = 0) -> Any:
-    """An onnxruntime CPU session; ``threads`` = 0 lets onnxruntime choose."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    # no busy-waiting between runs: decoding and encoding threads need those cores
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    # no memory arena: it keeps the largest pass's buffers (hundreds of MiB after a big photo)
-    # for the life of the process
-    opts.enable_cpu_mem_arena = False
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    with _session_lock:
-        return ort.InferenceSession(model_bytes, sess_options=opts,
-                                    providers=["CPUExecutionProvider"])

@@ -250,7 +250,8 @@ class PlateDetector:
                  box_threshold: float = 0.5, max_side: int = 1280,
                  model_path: str | None = None, rec_model_path: str | None = None,
                  threads: int = 0, grow: tuple[float, float] = (1.1, 1.4),
-                 max_candidates: int = 16, text_detector: TextDetector | None = None) -> None:
+                 max_candidates: int = 16, text_detector: TextDetector | None = None,
+                 device: str = "cpu", shared: bool = True) -> None:
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"plate threshold {threshold} is outside [0, 1]")
         if min(grow) < 1.0:
@@ -260,8 +261,10 @@ class PlateDetector:
         self.max_candidates = int(max_candidates)
         self.text = text_detector or TextDetector(
             threshold=text_threshold, box_threshold=box_threshold, max_side=max_side,
-            model_path=model_path, threads=threads, category=CATEGORY)
-        self.recognizer = TextRecognizer(model_path=rec_model_path, threads=threads)
+            model_path=model_path, threads=threads, category=CATEGORY, device=device,
+            shared=shared)
+        self.recognizer = TextRecognizer(model_path=rec_model_path, threads=threads,
+                                         device=device, shared=shared)
 
     @property
     def models(self) -> list[ModelInfo]:

@@ -1,8 +1,10 @@
-"""Redaction kernels on the CPU (OpenCV): blur, pixelate and fill, as boxes or ellipses.
+"""Redaction kernels: blur, pixelate and fill, as boxes or ellipses, and privacy zones.
 
-All functions work in place on a BGR uint8 image (H, W, 3) and take boxes as ``xyxy`` float
-pixels. Boxes are grown by the mask scale about their centre, rounded outward and clipped to the
-frame, so a face touching the last row or column is covered up to that row or column.
+The public functions (:func:`redact_detections`, :func:`cover_all`, :func:`cover_zone`,
+:func:`thumbnail`) dispatch on where the pixels live (:mod:`engines.arrays`); the CPU kernels
+(OpenCV) are here. All work in place on a BGR uint8 image (H, W, 3) and take boxes as ``xyxy``
+float pixels. Boxes are grown by the mask scale about their centre, rounded outward and clipped
+to the frame, so a face touching the last row or column is covered up to that row or column.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
+from engines.arrays import device_of, kernels_for, register_kernels
 from engines.detections import Detections, Origin
 
 # A blurred face keeps about this many independent samples across its short side: few enough
@@ -165,7 +168,7 @@ def redact_boxes(image: np.ndarray, xyxy: np.ndarray, style: Style,
     return rects
 
 
-def redact_detections(image: np.ndarray, dets: Detections, style: Style) -> np.ndarray:
+def _cpu_redact_detections(image: np.ndarray, dets: Detections, style: Style) -> np.ndarray:
     """Cover every box of ``dets`` in place, each category in its own style (see
     :meth:`Style.for_category`); tracked boxes count as uncertain. Returns the rectangles."""
     uncertain = dets.origin == Origin.TRACKED
@@ -179,10 +182,78 @@ def redact_detections(image: np.ndarray, dets: Detections, style: Style) -> np.n
     return np.concatenate(out)
 
 
-def cover_all(image: np.ndarray, style: Style) -> None:
+def _cpu_cover_all(image: np.ndarray, style: Style) -> None:
     """Cover the whole frame: the fail-closed answer when detection cannot be trusted."""
     h, w = image.shape[:2]
     if style.method is Method.FILL:
         image[:] = style.fill_bgr
     else:
         redact_rect(image, (0, 0, w, h), Style(style.method, Shape.BOX, 1.0, style.fill_bgr))
+
+
+def _cpu_cover_zone(image: np.ndarray, polygon: np.ndarray, style: Style) -> None:
+    """Cover the inside of ``polygon`` (k, 2) float frame pixels, in ``style``'s method."""
+    h, w = image.shape[:2]
+    poly = np.round(polygon).astype(np.int32)
+    x1, y1 = np.clip(poly.min(0), 0, [w, h])
+    x2, y2 = np.clip(poly.max(0) + 1, 0, [w, h])
+    if x2 <= x1 or y2 <= y1:
+        return
+    mask = np.zeros((y2 - y1, x2 - x1), np.uint8)
+    cv2.fillPoly(mask, [poly - [x1, y1]], 255)
+    covered = image[y1:y2, x1:x2].copy()
+    redact_rect(covered, (0, 0, x2 - x1, y2 - y1), replace(style, shape=Shape.BOX, overrides={}))
+    np.copyto(image[y1:y2, x1:x2], covered, where=mask[:, :, None] > 0)
+
+
+def _cpu_thumbnail(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+
+
+class CpuKernels:
+    redact_detections = staticmethod(_cpu_redact_detections)
+    cover_all = staticmethod(_cpu_cover_all)
+    cover_zone = staticmethod(_cpu_cover_zone)
+    thumbnail = staticmethod(_cpu_thumbnail)
+
+
+register_kernels("cpu", CpuKernels())
+
+
+def redact_detections(image: np.ndarray, dets: Detections, style: Style) -> np.ndarray:
+    """Cover every box of ``dets`` in place, each category in its own style (see
+    :meth:`Style.for_category`); tracked boxes count as uncertain. Returns the rectangles
+    covered, (n, 4) int frame pixels."""
+    if device_of(image) == "cpu":
+        return _cpu_redact_detections(image, dets, style)
+    return kernels_for(image).redact_detections(image, dets, style)
+
+
+def cover_all(image: np.ndarray, style: Style) -> None:
+    """Cover the whole frame: the fail-closed answer when detection cannot be trusted."""
+    kernels_for(image).cover_all(image, style)
+
+
+def zone_polygon(zone: object, width: int, height: int) -> np.ndarray | None:
+    """A zone's points as (k, 2) float frame pixels: given in pixels, or as fractions of the
+    frame when every coordinate is at most 1. None for fewer than three points."""
+    pts = np.array(zone, np.float64).reshape(-1, 2)
+    if len(pts) < 3:
+        return None
+    if (pts <= 1.0).all():
+        pts = pts * [width, height]
+    return pts
+
+
+def cover_zone(image: np.ndarray, zone: object, style: Style) -> None:
+    """Cover a privacy zone (a polygon, see :func:`zone_polygon`) in place, whatever the
+    detectors found, in ``style``'s method as a filled polygon."""
+    h, w = image.shape[:2]
+    poly = zone_polygon(zone, w, h)
+    if poly is not None:
+        kernels_for(image).cover_zone(image, poly, style)
+
+
+def thumbnail(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A small CPU copy of the picture (area average), for scene-change and freeze checks."""
+    return kernels_for(image).thumbnail(image, width, height)

@@ -7,8 +7,6 @@ other name is an :class:`UnknownCategoryError` that lists the available ones.
 from __future__ import annotations
 
 import importlib.util
-import os
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
@@ -49,6 +47,10 @@ class DetectorConfig:
     text_max_side: int = 1280  # text and plates: the text detector's input long side
     # video frames between calls per engine (faces: the video options' period, adaptive)
     engine_periods: tuple[tuple[str, int], ...] = ()
+    device: str = "cpu"  # where the models run (see engines.backends): cpu, or auto
+    # False: this detector loads models of its own instead of the process's shared ones (only
+    # to measure the one-model-per-stream shape against the shared, batched one)
+    shared_models: bool = True
 
 
 # Photos are redacted once and can afford several passes: upscaling 2x and 3x finds faces down
@@ -311,7 +313,8 @@ class _FaceDetector:
             raise ValueError(f"unknown face model {config.face_model!r}; use yunet or centerface")
         self._model = cls(threshold=config.threshold, scales=config.scales,
                           model_path=config.model_path, threads=config.threads,
-                          max_input_pixels=config.max_input_pixels)
+                          max_input_pixels=config.max_input_pixels, device=config.device,
+                          shared=config.shared_models)
 
     def detect(self, image: np.ndarray) -> Detections:
         return self._model.detect(image)
@@ -338,32 +341,6 @@ class _TextAndPlates:
     @property
     def models(self) -> list[ModelInfo]:
         return [*self.text.models, self.plates.recognizer.info]
-
-
-_SHARED: dict[tuple[Any, ...], Any] = {}
-_SHARED_LOCK = threading.Lock()
-_SHARED_MAX = 24
-
-
-def _shared(cls: Any, *args: Any, **kwargs: Any) -> Any:
-    """One detector object per class and settings in the process, shared by every composite
-    (and thread: the engines are thread-safe), so models load once, not once per job.
-    The model-path environment variables are part of the key."""
-    env = tuple(os.environ.get(s.env_var) for s in (YUNET, CENTERFACE, TEXT_DET, TEXT_REC))
-    key = (cls, args, tuple(sorted(kwargs.items(), key=lambda kv: kv[0])), env)
-    try:
-        hash(key)
-    except TypeError:
-        return cls(*args, **kwargs)
-    with _SHARED_LOCK:
-        found = _SHARED.get(key)
-    if found is not None:
-        return found
-    made = cls(*args, **kwargs)
-    with _SHARED_LOCK:
-        if len(_SHARED) >= _SHARED_MAX:
-            _SHARED.pop(next(iter(_SHARED)))
-        return _SHARED.setdefault(key, made)
 
 
 def category(name: str) -> Category:
@@ -405,6 +382,10 @@ def build_detector(categories: Sequence[str], config: DetectorConfig,
         return given if given is not None else dict(config.engine_periods).get(engine)
 
     parts: list[Detector] = []
+    # models load once per process and device (engines.backends.load_model): detectors built
+    # for many jobs and streams share them
+    models: dict[str, Any] = {"threads": config.threads, "device": config.device,
+                              "shared": config.shared_models}
     min_scores = {c: s.threshold for c, s in per.items() if s.threshold is not None}
     if "faces" in engines:
         fc = ["faces"]
@@ -414,7 +395,7 @@ def build_detector(categories: Sequence[str], config: DetectorConfig,
         if opt(fc, "scale") is not None:
             face_cfg = replace(face_cfg, scales=tuple(s * opt(fc, "scale")
                                                       for s in face_cfg.scales))
-        parts.append(_Part(_shared(_FaceDetector, face_cfg), period("faces", fc), min_scores))
+        parts.append(_Part(_FaceDetector(face_cfg), period("faces", fc), min_scores))
     text_cats = cats_of("text")
     plate_cats = cats_of("plates")
     text_det = plate_det = None
@@ -422,14 +403,14 @@ def build_detector(categories: Sequence[str], config: DetectorConfig,
         from engines.text import TextDetector
 
         scale = opt(text_cats + plate_cats, "scale") or 1.0
-        text_det = _shared(TextDetector, max_side=max(64, round(config.text_max_side * scale)),
-                           threads=config.threads,
-                           box_threshold=min(_or(opt(text_cats, "threshold"), 0.5), 0.99))
+        text_det = TextDetector(max_side=max(64, round(config.text_max_side * scale)),
+                                box_threshold=min(_or(opt(text_cats, "threshold"), 0.5), 0.99),
+                                **models)
     if plate_cats:
         from engines.plates import PlateDetector
 
-        plate_det = _shared(PlateDetector, threads=config.threads, text_detector=text_det,
-                                  threshold=_or(opt(plate_cats, "threshold"), 0.35))
+        plate_det = PlateDetector(text_detector=text_det,
+                                  threshold=_or(opt(plate_cats, "threshold"), 0.35), **models)
     if plate_det is not None and text_det is not None and text_cats:
         both = text_cats + plate_cats
         parts.append(_Part(_TextAndPlates(plate_det, text_det),
@@ -443,8 +424,8 @@ def build_detector(categories: Sequence[str], config: DetectorConfig,
         from engines.codes import CodeDetector
 
         scale = opt(code_cats, "scale") or 1.0
-        parts.append(_Part(_shared(CodeDetector, tuple(code_cats),
-                                   max_side=max(64, round(1920 * scale)), threads=config.threads),
+        parts.append(_Part(CodeDetector(tuple(code_cats), max_side=max(64, round(1920 * scale)),
+                                        threads=config.threads),
                            period("codes", code_cats), min_scores))
     for m in custom_models:
         served = [c for c in categories if c in m.classes.values()]
@@ -452,6 +433,6 @@ def build_detector(categories: Sequence[str], config: DetectorConfig,
             continue
         from engines.custom import CustomDetector
 
-        parts.append(_Part(CustomDetector(m, threads=config.threads),
+        parts.append(_Part(CustomDetector(m, **models),
                            period("custom", served), min_scores, only=served))
     return CompositeDetector(parts)

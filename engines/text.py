@@ -22,9 +22,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from engines.backends import load_model
 from engines.detections import Detections
 from engines.faces import ModelInfo
-from engines.models import TEXT_DET, TEXT_REC, onnx_session, sha256_file
+from engines.models import TEXT_DET, TEXT_REC, sha256_file
 
 CATEGORY = "text"
 
@@ -114,7 +115,7 @@ class TextDetector:
 
     def __init__(self, threshold: float = 0.3, box_threshold: float = 0.5, max_side: int = 1280,
                  model_path: str | None = None, threads: int = 0, category: str = CATEGORY,
-                 max_upscale: float = 1.5) -> None:
+                 max_upscale: float = 1.5, device: str = "cpu", shared: bool = True) -> None:
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"text threshold {threshold} is outside (0, 1)")
         if not 0.0 < box_threshold < 1.0:
@@ -128,7 +129,8 @@ class TextDetector:
         self.category = category
         self.categories: tuple[str, ...] = (category,)
         self.path: Path = self.spec.resolve(model_path)
-        self._session = onnx_session(self.path.read_bytes(), threads)
+        self._session = load_model(self.path.read_bytes(), device=device, threads=threads,
+                                   shared=shared)
         self._input = self._session.get_inputs()[0].name
         self._kernel = np.ones((2, 2), np.uint8)
 
@@ -275,9 +277,11 @@ class TextRecognizer:
     # with some blank space after them, as it was trained (PaddleOCR pads to 320)
     min_width = 160
 
-    def __init__(self, model_path: str | None = None, threads: int = 0) -> None:
+    def __init__(self, model_path: str | None = None, threads: int = 0, device: str = "cpu",
+                 shared: bool = True) -> None:
         self.path: Path = self.spec.resolve(model_path)
-        self._session = onnx_session(self.path.read_bytes(), threads)
+        self._session = load_model(self.path.read_bytes(), device=device, threads=threads,
+                                   shared=shared)
         self._input = self._session.get_inputs()[0].name
         meta = self._session.get_modelmeta().custom_metadata_map
         if "character" not in meta:

@@ -1,14 +1,16 @@
 """Live streams inside the service: each camera's :class:`pipeline.live.LiveStream`, published on
 the service's RTSP server and to WebRTC viewers, with definitions kept on disk so they come back
-after a restart, and cameras declared in a config file (``redact serve --config FILE``).
-
-A stream's definition: ``name`` (also its RTSP path), ``source`` (an ``rtsp://`` URL, which may
+after a restart, and cameras declared in a config file (``redact serve --config FILE``). A
+stream's definition: ``name`` (also its RTSP path), ``source`` (an ``rtsp://`` URL, which may
 carry credentials; they never appear in answers, logs or metrics; or ``"push"``: the camera
 publishes to ``rtsp://HOST:PORT/<name>/publish`` with the user name and password of the stream's
-``publish_url``), ``categories``, ``method``, ``zones`` (polygons always covered) and
-``outputs`` (``rtsp``, ``webrtc``, ``record``: MP4 segments in the data directory, see
-:mod:`pipeline.record`; as a mapping, ``"record": {"segment_s", "keep_hours", "max_gb"}``
-overrides the service's recording settings for the stream).
+``publish_url``), ``categories``, ``method``, ``settings`` (per-category tables as in a settings
+file's ``[category.NAME]``: threshold, scale, period, method, mask_scale, shape), ``config``
+(cameras file only: a settings file, as ``redact file --config``, whose ``[[model]]`` detectors
+the stream may use), ``zones`` (polygons always covered) and ``outputs`` (``rtsp``, ``webrtc``,
+``record``: MP4 segments in the data directory, see :mod:`pipeline.record`; as a mapping,
+``"record": {"segment_s", "keep_hours", "max_gb"}`` overrides the service's recording settings
+for the stream).
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from engines.redact import Method, Style
-from engines.registry import VIDEO_PROFILE, build_detector, resolve_categories
+from engines.errors import UnknownCategoryError
+from engines.redact import Method
 from pipeline.live import LiveOptions, LiveStream, scrub_url
 from pipeline.push import PushFeed
 from pipeline.record import SegmentRecorder
+from pipeline.settings import FileConfig, RedactSettings, load_config, settings_from_choices
 from pipeline.webrtc import IceServer, WebRtcHub
 
 log = logging.getLogger(__name__)
@@ -85,11 +88,18 @@ class StreamDef:
     id: str = field(default_factory=lambda: "str_" + uuid.uuid4().hex[:16])
     created_at: float = field(default_factory=time.time)
     record: dict[str, float] = field(default_factory=dict)  # per-stream recording settings
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # per category
+    config: str | None = None  # a settings file (absolute path; cameras file only)
+
+    FIELDS = ("name", "source", "categories", "method", "zones", "outputs", "settings",
+              "config")
 
     @classmethod
-    def parse(cls, data: dict[str, Any], owner: str | None) -> StreamDef:
-        """Validated definition from user input (API body or config table)."""
-        unknown = set(data) - {"name", "source", "categories", "method", "zones", "outputs"}
+    def parse(cls, data: dict[str, Any], owner: str | None,
+              base_dir: Path | None = None) -> StreamDef:
+        """Validated definition from user input (API body, or a cameras file's table, whose
+        ``config`` path is taken relative to ``base_dir``)."""
+        unknown = set(data) - set(cls.FIELDS)
         if unknown:
             raise StreamError(f"unknown field(s): {', '.join(sorted(unknown))}")
         name = str(data.get("name") or "").strip().lower()
@@ -100,12 +110,39 @@ class StreamDef:
         if source != "push" and not source.startswith(("rtsp://", "rtsps://")):
             raise StreamError("source: an rtsp:// URL of the camera, or \"push\" for a camera "
                               "that publishes to the gateway")
+        config = None
+        if data.get("config") is not None:
+            if owner is not None:
+                raise StreamError("config: a settings file (with your own models) can only be "
+                                  "given in the cameras file of `redact serve --config`; "
+                                  "use settings for per-category settings")
+            path = Path(str(data["config"])).expanduser()
+            config = str((base_dir / path) if base_dir and not path.is_absolute() else path)
+        settings = data.get("settings") or {}
+        if not isinstance(settings, dict):
+            raise StreamError("settings: an object of category -> {setting: value}, e.g. "
+                              "{\"faces\": {\"threshold\": 0.2}}")
         cats = data.get("categories")
-        categories = list(resolve_categories(cats if isinstance(cats, list) else None))
-        method = Method.parse(str(data.get("method") or "blur")).value
-        zones = parse_zones(data.get("zones") or [])
-        outputs, record = parse_outputs(data.get("outputs"))
-        return cls(name, source, categories, method, zones, outputs, owner, record=record)
+        spec = cls(name, source, list(cats) if isinstance(cats, list) else [],
+                   Method.parse(str(data.get("method") or "blur")).value,
+                   parse_zones(data.get("zones") or []), owner=owner,
+                   settings={str(k): dict(v) if isinstance(v, dict) else v
+                             for k, v in settings.items()}, config=config)
+        spec.outputs, spec.record = parse_outputs(data.get("outputs"))
+        spec.categories = list(spec.redact_settings().categories)  # validates the choices
+        return spec
+
+    def redact_settings(self, detector_threads: int = 0) -> RedactSettings:
+        """The stream's redaction settings (raises StreamError naming what is wrong)."""
+        try:
+            cfg = load_config(Path(self.config)) if self.config else FileConfig()
+            return settings_from_choices(self.categories, method=self.method,
+                                         settings=self.settings, config=cfg, zones=self.zones,
+                                         threads=detector_threads)
+        except UnknownCategoryError:
+            raise  # answered with the categories available
+        except ValueError as exc:
+            raise StreamError(str(exc)) from None
 
 
 def parse_outputs(outputs: Any) -> tuple[list[str], dict[str, float]]:
@@ -169,8 +206,9 @@ class StreamManager:
     first stream that wants it."""
 
     def __init__(self, data_dir: Path, host: str, settings: StreamSettings | None = None,
-                 config_file: Path | None = None) -> None:
+                 config_file: Path | None = None, detector_threads: int = 0) -> None:
         self.settings = settings or StreamSettings()
+        self.detector_threads = detector_threads
         self.data_dir = data_dir
         self.host = host
         self.config_file = config_file
@@ -248,13 +286,10 @@ class StreamManager:
         with self._lock:
             if any(r.spec.name == spec.name for r in self._streams.values()):
                 raise StreamError(f"a stream named {spec.name!r} exists")
-        cats = tuple(spec.categories)
         feed = PushFeed() if spec.source == "push" else None
-        live = LiveStream(spec.name, spec.source,
-                          lambda: build_detector(cats, VIDEO_PROFILE),
-                          Style(method=Method.parse(spec.method)),
+        live = LiveStream(spec.name, spec.source, spec.redact_settings(self.detector_threads),
                           LiveOptions(delay_frames=self.settings.stream_delay_frames),
-                          zones=[[(x, y) for x, y in z] for z in spec.zones], feed=feed)
+                          feed=feed)
         hub = WebRtcHub(live.request_keyframe,
                         [IceServer(s.get("urls", []), s.get("username"), s.get("credential"))
                          for s in self.settings.ice_servers],
@@ -302,22 +337,19 @@ class StreamManager:
                 if r.spec.owner is None or owner is None or r.spec.owner == owner]
 
     def update(self, r: Running, data: dict[str, Any]) -> None:
-        unknown = set(data) - {"categories", "method", "zones"}
+        changeable = ("categories", "method", "zones", "settings")
+        unknown = set(data) - set(changeable)
         if unknown:
-            raise StreamError(f"only categories, method and zones can change; not "
+            raise StreamError(f"only {', '.join(changeable)} can change; not "
                               f"{', '.join(sorted(unknown))}")
-        spec = r.spec
-        if "categories" in data:
-            cats = data["categories"]
-            spec.categories = list(resolve_categories(cats if isinstance(cats, list) else None))
-            frozen = tuple(spec.categories)
-            r.live.update(detector_factory=lambda: build_detector(frozen, VIDEO_PROFILE))
-        if "method" in data:
-            spec.method = Method.parse(str(data["method"])).value
-            r.live.update(style=Style(method=Method.parse(spec.method)))
-        if "zones" in data:
-            spec.zones = parse_zones(data["zones"])
-            r.live.update(zones=[[(x, y) for x, y in z] for z in spec.zones])
+        old = r.spec
+        merged = {"name": old.name, "source": old.source, "categories": old.categories,
+                  "method": old.method, "zones": old.zones, "settings": old.settings,
+                  "config": old.config, **data}
+        new = StreamDef.parse(merged, owner=None)  # validates every choice before any applies
+        old.categories, old.method, old.zones, old.settings = (
+            new.categories, new.method, new.zones, new.settings)
+        r.live.update(old.redact_settings(self.detector_threads))
         with self._lock:
             self._save()
 
@@ -377,7 +409,8 @@ class StreamManager:
         out: dict[str, Any] = {
             "id": r.spec.id, "name": r.spec.name, "status": stats.pop("status"),
             "source": scrub_url(r.spec.source), "categories": r.spec.categories,
-            "method": r.spec.method, "zones": r.spec.zones, "outputs": r.spec.outputs,
+            "method": r.spec.method, "settings": r.spec.settings, "zones": r.spec.zones,
+            "outputs": r.spec.outputs,
             "rtsp_url": self.rtsp_url(r),
             "publish_url": self.publish_url(r) if with_token else None,
             "whep_url": f"{base_url}/v1/streams/{r.spec.id}/whep"
@@ -410,7 +443,7 @@ def load_stream_config(path: Path) -> list[StreamDef]:
     out = []
     for i, t in enumerate(tables):
         try:
-            spec = StreamDef.parse(dict(t), owner=None)
+            spec = StreamDef.parse(dict(t), owner=None, base_dir=path.parent)
         except (StreamError, ValueError) as exc:
             raise StreamError(f"{path}: [[stream]] #{i + 1}: {exc}") from None
         spec.id = "str_" + hashlib.sha256(f"config:{spec.name}".encode()).hexdigest()[:16]

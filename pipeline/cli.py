@@ -13,8 +13,8 @@ from typing import Any
 from engines.errors import RedactionError, UnknownCategoryError
 from engines.redact import Method, Shape, Style
 from engines.registry import IMAGE_PROFILE, VIDEO_PROFILE, available_categories
-from pipeline.config import FileConfig, apply_sets, load_config
 from pipeline.files import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Redactor, RedactSettings, manifest
+from pipeline.settings import FileConfig, apply_sets, load_config
 from pipeline.video import VideoOptions
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ from engines.detections import Detections
 class Frame:
     """One decoded picture and what was decided about it.
 
-    pixels:    (H, W, 3) uint8 BGR.
+    pixels:    (H, W, 3) uint8 BGR: a numpy array, or an array in GPU memory (see
+               :mod:`engines.arrays`; kernels and encoders dispatch on where it lives).
     pts:       presentation timestamp in ``time_base`` units, copied from the decoded frame and
                given back to the encoder unchanged (variable frame rate survives).
     boxes:     every set of boxes that must be covered on this frame: this frame's detections,
@@ -23,7 +24,7 @@ class Frame:
     """
 
     index: int
-    pixels: np.ndarray
+    pixels: np.ndarray  # or a device array with the same shape (engines.arrays)
     pts: int | None = None
     time_base: Fraction | None = None
     stream_id: str = ""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -27,8 +27,9 @@ from PIL import ExifTags, Image
 
 from engines.detections import Detections
 from engines.errors import DetectorError, MediaError
-from engines.redact import Style, redact_detections
+from engines.redact import Style, cover_zone, redact_detections
 from engines.registry import Detector
+from engines.service import detection_service
 
 IMAGE_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 # Pillow names phone JPEGs that carry extra pictures (gain maps, depth) MPO; they are JPEG files
@@ -144,15 +145,18 @@ def _decode(src: Path, out_fmt: str | None) -> tuple[np.ndarray, _Source]:
 
 
 def redact_image(src: Path, dst: Path, detector: Detector, style: Style,
-                 keep_metadata: bool = False) -> ImageReport:
+                 keep_metadata: bool = False, zones: Sequence[Sequence[Sequence[float]]] = ()
+                 ) -> ImageReport:
     t0 = time.perf_counter()
     bgr, source = _decode(src, _EXTENSION_FORMATS.get(dst.suffix.lower()))
     height, width = bgr.shape[:2]
     try:
-        dets = detector.detect(bgr)
+        dets = detection_service(getattr(detector, "device", "cpu")).detect(detector, bgr)
     except Exception as exc:
         raise DetectorError(f"detector failed on {src.name}: {exc}") from exc
     redact_detections(bgr, dets, style)
+    for zone in zones:
+        cover_zone(bgr, zone, style)
     out = _to_picture(bgr)
     del bgr  # the picture to encode holds the pixels from here on
     if source.alpha is not None:

@@ -7,9 +7,12 @@ Three threads per stream, joined by small bounded hand-offs:
             waiting frame is dropped (counted), never passed on. A dead or stalled camera, or
             one that keeps sending the same picture, is reopened with exponential backoff
             (capped); a camera that is down when the stream is created is retried the same way.
-``redact``  detection on a schedule, tracking, a short look-ahead (``delay_frames``) so new
-            objects are covered from their first frame, then the privacy zones. A detector that
-            raises covers the whole frame instead (counted as ``frames_covered``).
+``redact``  the redaction stage (:class:`pipeline.stages.RedactStage`: schedule, detections
+            from the device's shared detection service, tracking, a short look-ahead
+            (``delay_frames``) so new objects are covered from their first frame, then the
+            kernels and the privacy zones), all from the stream's
+            :class:`pipeline.settings.RedactSettings`, as for files. A detector that raises
+            covers the whole frame instead (counted as ``frames_covered``).
 ``output``  paces the output at the stream's frame rate and encodes once (see
             :class:`pipeline.live_encode.LiveEncoder`); when no redacted frame is ready (camera
             down, or detection stalled) it sends a placeholder picture that holds no camera
@@ -26,7 +29,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 from fractions import Fraction
 from typing import Any
@@ -36,12 +39,13 @@ import cv2
 import numpy as np
 
 from engines.errors import DetectorError
-from engines.redact import Shape, Style, cover_all, redact_rect
+from engines.redact import cover_all, thumbnail
 from engines.registry import Detector
 from pipeline.frame import Frame
 from pipeline.live_encode import EncodedPacket, LiveEncoder, PacketSink
 from pipeline.push import PushFeed
-from pipeline.stages import RedactStage
+from pipeline.settings import RedactSettings
+from pipeline.stages import RedactStage, direct
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,9 @@ class LiveOptions:
     backoff_s:       first and largest wait between reconnection attempts.
     frozen_s:        a camera sending the same picture this long is reopened (0: never).
     signal_lost_s:   no new frame for this long: the output shows the placeholder.
+    detection:       "service": detections from the device's shared detection service (batched
+                     with every other stream and job); "direct": the stream's own detector on
+                     its redaction thread (the one-detector-per-stream shape, for comparison).
     """
 
     fps: float | None = None
@@ -87,9 +94,7 @@ class LiveOptions:
     frozen_s: float = 10.0
     signal_lost_s: float = 0.5
     bitrate: int = 4_000_000
-
-
-Zone = Sequence[tuple[float, float]]  # polygon: frame pixels, or fractions when all are <= 1
+    detection: str = "service"
 
 
 @dataclass
@@ -137,20 +142,20 @@ def _rate(times: collections.deque[float]) -> float:
 
 
 class LiveStream:
-    """One camera in, one encode out. ``detector_factory`` builds the detector inside the
-    redact thread (models are loaded once per stream)."""
+    """One camera in, one encode out, redacted as ``settings`` say (categories, per-category
+    settings, user models, method, zones). ``detector_factory`` replaces the settings'
+    detector (tests inject failing ones)."""
 
-    def __init__(self, name: str, source: str, detector_factory: Callable[[], Detector],
-                 style: Style, options: LiveOptions | None = None,
-                 zones: Sequence[Zone] = (), sinks: Sequence[PacketSink] = (),
-                 feed: PushFeed | None = None) -> None:
+    def __init__(self, name: str, source: str, settings: RedactSettings,
+                 options: LiveOptions | None = None, sinks: Sequence[PacketSink] = (),
+                 feed: PushFeed | None = None,
+                 detector_factory: Callable[[], Detector] | None = None) -> None:
         self.name = name
         self.source = source
         self.feed = feed  # a camera that publishes to the gateway, instead of ``source``
         self.options = options or LiveOptions()
+        self.settings = settings
         self._factory = detector_factory
-        self._style = style
-        self._zones = [list(z) for z in zones]
         self._sinks = list(sinks)
         self.stats = StreamStats()
         self._stop = threading.Event()
@@ -198,17 +203,10 @@ class LiveStream:
             self.encoder.close()
         self.stats.status = Status.STOPPED
 
-    def update(self, style: Style | None = None,
-               detector_factory: Callable[[], Detector] | None = None,
-               zones: Sequence[Zone] | None = None) -> None:
+    def update(self, settings: RedactSettings) -> None:
         """Change how the stream is redacted, from the next frame on."""
-        if style is not None:
-            self._style = style
-        if zones is not None:
-            self._zones = [list(z) for z in zones]
-        if detector_factory is not None:
-            self._factory = detector_factory
-            self._reconfigure.set()
+        self.settings = settings
+        self._reconfigure.set()
 
     def request_keyframe(self) -> None:
         """A viewer joined: the next frame out is a keyframe, so its picture starts at once."""
@@ -347,9 +345,12 @@ class LiveStream:
 
     # redaction ----------------------------------------------------------------------------
     def _new_stage(self) -> RedactStage:
-        self._detector = self._factory()
-        return RedactStage(self._detector, self._style, self.options.period,
-                           self.options.delay_frames, cover_slow_periods=False)
+        s = self.settings
+        self._detector = self._factory() if self._factory else s.detector("video")
+        return RedactStage(self._detector, s.style, self.options.period,
+                           self.options.delay_frames, cover_slow_periods=False,
+                           submit=direct if self.options.detection == "direct" else None,
+                           zones=s.zones)
 
     def _redact_loop(self) -> None:
         stage = self._new_stage()
@@ -357,7 +358,7 @@ class LiveStream:
         while not self._stop.is_set():
             with self._frames_cv:
                 while not self._frames and not self._stop.is_set():
-                    if not self._frames_cv.wait(timeout=0.2) and stage._buffer:
+                    if not self._frames_cv.wait(timeout=0.2) and stage.held:
                         break  # input paused: release what the look-ahead holds
                 if self._stop.is_set():
                     return
@@ -368,13 +369,11 @@ class LiveStream:
                 stage = self._new_stage()
                 calls_before = 0
             else:
-                stage.style = self._style
                 out = self._safe_push(stage, frame) if frame is not None else \
                     self._safe_flush(stage)
             self.stats.detector_calls += stage.detector_calls - calls_before
             calls_before = stage.detector_calls
             for f in out:
-                self._apply_zones(f)
                 self.stats.frames_redacted += 1
                 with self._ready_cv:
                     if len(self._ready) == self._ready.maxlen:
@@ -398,35 +397,13 @@ class LiveStream:
         """The detector raised: every frame it held, and this one, is covered whole."""
         log.warning("stream %s: %s; frames are covered whole", self.name, exc)
         self.stats.last_error = str(exc)
-        held = list(stage._buffer) + [f for f in extra if f not in stage._buffer]
-        stage._buffer.clear()
+        held = stage.release_unredacted()
+        held += [f for f in extra if f not in held]
         for f in held:
-            cover_all(f.pixels, self._style)
+            cover_all(f.pixels, self.settings.style)
             f.redacted = True
             self.stats.frames_covered += 1
         return held
-
-    def _apply_zones(self, frame: Frame) -> None:
-        if not self._zones:
-            return
-        h, w = frame.pixels.shape[:2]
-        style = replace(self._style, overrides={})
-        for zone in self._zones:
-            pts = np.array(zone, np.float64).reshape(-1, 2)
-            if len(pts) < 3:
-                continue
-            if (pts <= 1.0).all():
-                pts = pts * [w, h]
-            poly = np.round(pts).astype(np.int32)
-            x1, y1 = np.clip(poly.min(0), 0, [w, h])
-            x2, y2 = np.clip(poly.max(0) + 1, 0, [w, h])
-            if x2 <= x1 or y2 <= y1:
-                continue
-            mask = np.zeros((y2 - y1, x2 - x1), np.uint8)
-            cv2.fillPoly(mask, [poly - [x1, y1]], 255)
-            covered = frame.pixels[y1:y2, x1:x2].copy()
-            redact_rect(covered, (0, 0, x2 - x1, y2 - y1), replace(style, shape=Shape.BOX))
-            np.copyto(frame.pixels[y1:y2, x1:x2], covered, where=mask[:, :, None] > 0)
 
     # output -------------------------------------------------------------------------------
     def _output_loop(self) -> None:
@@ -493,7 +470,7 @@ class _FreezeWatch:
     def check(self, pixels: np.ndarray, now: float) -> None:
         if self.seconds <= 0:
             return
-        thumb = cv2.resize(pixels, (16, 9), interpolation=cv2.INTER_AREA)
+        thumb = thumbnail(pixels, 16, 9)
         if self._thumb is not None and np.array_equal(thumb, self._thumb):
             self._since = self._since or now
             if now - self._since > self.seconds:

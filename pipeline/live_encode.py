@@ -20,6 +20,7 @@ import av
 import numpy as np
 from av.video.frame import PictureType
 
+from engines.arrays import to_host
 from engines.errors import UnredactedFrameError
 from pipeline.frame import Frame
 
@@ -99,7 +100,7 @@ class LiveEncoder:
         unredacted, even through a programming error."""
         if not frame.redacted:
             raise UnredactedFrameError(f"live frame {frame.index} reached the encoder unredacted")
-        pixels = frame.pixels
+        pixels = to_host(frame.pixels)  # the encoder hand-off: CPU memory for libx264
         if pixels.shape[0] != self.height or pixels.shape[1] != self.width:
             import cv2
 

@@ -18,10 +18,10 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from engines.detections import Detections, Origin, iou_matrix
+from engines.redact import thumbnail
 
 # a predicted box also grows by this share of the distance moved since last seen (speed changes)
 MOTION_SLACK = 0.75
@@ -207,7 +207,7 @@ class Scheduler:
     def should_detect(self, index: int, pixels: np.ndarray, busy: bool = False) -> bool:
         if self.period == 1:
             return True
-        thumb = cv2.resize(pixels, (32, 18), interpolation=cv2.INTER_AREA).astype(np.int16)
+        thumb = thumbnail(pixels, 32, 18).astype(np.int16)
         period = max(1, self.period - 1) if busy else self.period
         due = self._last_index is None or index - self._last_index >= period
         if not due and self._last_thumb is not None and self.scene_change > 0:

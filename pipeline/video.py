@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -21,11 +21,12 @@ from typing import Any
 import av
 import numpy as np
 
+from engines.arrays import to_host
 from engines.errors import MediaError, RedactionError, UnredactedFrameError
 from engines.redact import Style
 from engines.registry import Detector
 from pipeline.frame import Frame
-from pipeline.stages import Channel, RedactStage, run_thread
+from pipeline.stages import Channel, RedactStage, Zone, run_thread
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def estimate_frames(stream: Any) -> int | None:
 
 def redact_video(src: Path, dst: Path, detector: Detector, style: Style,
                  options: VideoOptions = VideoOptions(), progress: ProgressFn | None = None,
-                 record_frames: bool = True) -> VideoReport:
+                 record_frames: bool = True, zones: Sequence[Zone] = ()) -> VideoReport:
     """Write a redacted copy of ``src`` to ``dst``. Raises MediaError or DetectorError."""
     report = VideoReport()
     t_start = time.perf_counter()
@@ -126,7 +127,7 @@ def redact_video(src: Path, dst: Path, detector: Detector, style: Style,
             elif ain is not None and aout is not None and ain.language:
                 aout.metadata["language"] = ain.language
             _run(inp, vin, ain, out, vout, aout, detector, style, options, report, progress,
-                 total, record_frames)
+                 total, record_frames, zones)
         os.replace(tmp, dst)
     except RedactionError:
         raise
@@ -173,7 +174,7 @@ def _add_video_stream(out: Any, vin: Any, options: VideoOptions, rotation: int) 
 
 def _run(inp: Any, vin: Any, ain: Any, out: Any, vout: Any, aout: Any, detector: Detector,
          style: Style, options: VideoOptions, report: VideoReport, progress: ProgressFn | None,
-         total: int | None, record_frames: bool) -> None:
+         total: int | None, record_frames: bool, zones: Sequence[Zone]) -> None:
     decoded = Channel(QUEUE_FRAMES)
     to_encode = Channel(QUEUE_FRAMES)
     stage_ms: dict[str, float] = {"decode": 0.0, "detect": 0.0, "track": 0.0, "redact": 0.0,
@@ -220,7 +221,7 @@ def _run(inp: Any, vin: Any, ain: Any, out: Any, vout: Any, aout: Any, detector:
             if not item.redacted:
                 raise UnredactedFrameError(f"frame {item.index} reached the encoder unredacted")
             t0 = time.perf_counter()
-            vf = av.VideoFrame.from_ndarray(item.pixels, format="bgr24")
+            vf = av.VideoFrame.from_ndarray(to_host(item.pixels), format="bgr24")
             pts = item.pts if item.pts is not None else (item.index if last_pts is None
                                                          else last_pts + 1)
             if last_pts is not None and pts <= last_pts:
@@ -231,7 +232,8 @@ def _run(inp: Any, vin: Any, ain: Any, out: Any, vout: Any, aout: Any, detector:
         if not to_encode.cancelled.is_set():
             out.mux(vout.encode(None))
 
-    stage = RedactStage(detector, style, options.period, options.lookahead, options.scene_change)
+    stage = RedactStage(detector, style, options.period, options.lookahead, options.scene_change,
+                        zones=zones)
     dec_thread = run_thread("decode", decode, decoded)
     enc_done = Channel(1)
     enc_thread = run_thread("encode", encode, enc_done)

@@ -471,8 +471,8 @@ def test_cli_without_the_model_says_tattoos_are_unavailable(
 
 
 def test_video_with_a_user_model_is_covered_on_every_frame(tmp_path: Path) -> None:
-    from pipeline.config import load_config
     from pipeline.files import Redactor, RedactSettings
+    from pipeline.settings import load_config
     from tests.conftest import read_video, write_video
 
     cfg = load_config(_cli_setup(tmp_path))

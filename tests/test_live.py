@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import av
 import numpy as np
@@ -20,11 +21,12 @@ from engines.detections import Detections
 from engines.errors import UnredactedFrameError
 from engines.faces import ModelInfo
 from engines.redact import Method, Style
-from engines.registry import VIDEO_PROFILE, Detector, build_detector
+from engines.registry import Detector
 from pipeline.frame import Frame
 from pipeline.live import LiveOptions, LiveStream, Status, no_signal_frame, scrub_url
 from pipeline.live_encode import LiveEncoder
 from pipeline.rtsp_server import RtspServer
+from pipeline.settings import RedactSettings
 from tests.conftest import fill_fraction, region
 from tests.live_helpers import Camera, read_stamp
 
@@ -87,10 +89,10 @@ class Gateway:
         self.server = RtspServer(port=0)
         self.mount = self.server.add_mount("out")
         self.stream = LiveStream(
-            "test", source, factory or (lambda: build_detector(("faces",), VIDEO_PROFILE)),
-            FILL, options or LiveOptions(open_timeout_s=2.0, read_timeout_s=2.0, width=320,
-                                         height=240),
-            zones=zones or [], sinks=[self.mount.push])
+            "test", source, RedactSettings(("faces",), FILL, zones=tuple(zones or ())),
+            options or LiveOptions(open_timeout_s=2.0, read_timeout_s=2.0, width=320,
+                                   height=240),
+            sinks=[self.mount.push], detector_factory=factory)
         self.mount.on_viewer = self.stream.request_keyframe
         self.stream.start()
 
@@ -286,3 +288,62 @@ def test_encoder_refuses_an_unredacted_frame() -> None:
 ])
 def test_scrub_url(url: str, safe: str) -> None:
     assert scrub_url(url) == safe
+
+
+def test_a_camera_honours_its_per_category_settings_and_a_user_model(
+        camera: Camera, tmp_path: Path) -> None:
+    """A camera of the cameras file (``redact serve --config``) with a per-category threshold
+    that no face reaches, and a settings file whose user model (a tiny ONNX graph) finds a
+    "tattoo" in the bottom right: the tattoo is covered on every frame, the face is not."""
+    from gateway.streams import StreamManager, StreamSettings
+    from tests.test_custom import _save_model
+
+    # end-to-end output rows: x1, y1, x2, y2, score, class in the 320x320 model input (the
+    # 320x240 frame is letterboxed with 40 rows above it): frame box (200, 175)-(300, 230)
+    rows = np.array([[[200, 215, 300, 270, 0.9, 0]]], np.float32)
+    _save_model(tmp_path / "tattoo.onnx", [("output0", rows, 1)])
+    (tmp_path / "redact.toml").write_text(
+        '[[model]]\npath = "tattoo.onnx"\nclasses = { 0 = "tattoos" }\n')
+    cameras = tmp_path / "cameras.toml"
+    cameras.write_text(f'[[stream]]\nname = "gate"\nsource = "{camera.url}"\n'
+                       'categories = ["faces", "tattoos"]\nmethod = "fill"\n'
+                       'config = "redact.toml"\n'
+                       '[stream.settings.faces]\nthreshold = 1.0\n')
+    manager = StreamManager(tmp_path / "data", "127.0.0.1", StreamSettings(rtsp_port=0),
+                            cameras)
+    manager.start()
+    try:
+        (r,) = manager.list(None)
+        assert r.spec.categories == ["faces", "tattoos"]
+        assert manager.describe(r, "http://x")["settings"] == {"faces": {"threshold": 1.0}}
+        url = manager.rtsp_url(r)
+        assert url is not None
+        player = Player(url)
+        player.wait_frames(20)
+        player.stop()
+        real = camera_frames(player.frames)
+        assert len(real) >= 10
+        for px in real:
+            assert fill_fraction(px[179:226, 204:296], (0, 0, 0), tol=40) > 0.97  # the tattoo
+            face = region(px, camera.face(read_stamp(px)))
+            assert fill_fraction(face, (0, 0, 0), tol=40) < 0.5  # threshold 1.0: not a face
+    finally:
+        manager.stop()
+
+
+def test_stream_settings_are_validated_and_user_models_come_only_from_the_cameras_file(
+        ) -> None:
+    from gateway.streams import StreamDef, StreamError
+
+    body = {"name": "a", "source": "rtsp://cam/x", "categories": ["faces"]}
+    spec = StreamDef.parse({**body, "settings": {"faces": {"threshold": 0.6,
+                                                           "method": "pixelate"}}}, "key_1")
+    s = spec.redact_settings()
+    assert s.per_category["faces"].threshold == 0.6
+    assert s.style.for_category("faces").method is Method.PIXELATE
+    with pytest.raises(StreamError, match="unknown setting"):
+        StreamDef.parse({**body, "settings": {"faces": {"colour": 1}}}, "key_1")
+    with pytest.raises(StreamError, match="threshold 7"):
+        StreamDef.parse({**body, "settings": {"faces": {"threshold": 7}}}, "key_1")
+    with pytest.raises(StreamError, match="cameras file"):
+        StreamDef.parse({**body, "config": "/etc/redact.toml"}, "key_1")

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from engines.registry import VIDEO_PROFILE, build_detector
 from pipeline.live import LiveOptions, LiveStream, Status
 from pipeline.push import PublisherGone, PushFeed
 from pipeline.rtsp_server import RtspServer, sdp_medias
+from pipeline.settings import RedactSettings
 from tests.live_helpers import Publisher, read_stamp, stamp
 from tests.test_live import (
     FILL,
@@ -36,7 +36,7 @@ class PushGateway(Gateway):
         self.feed = PushFeed()
         self.pub = self.server.add_publish_mount("dash", "dash", "s3cret", self.feed)
         self.stream = LiveStream(
-            "dash", "push", lambda: build_detector(("faces",), VIDEO_PROFILE), FILL,
+            "dash", "push", RedactSettings(("faces",), FILL),
             LiveOptions(read_timeout_s=2.0, width=320, height=240), sinks=[self.out.push],
             feed=self.feed)
         self.out.on_viewer = self.stream.request_keyframe
@@ -189,7 +189,7 @@ def test_damaged_data_from_the_publisher_is_skipped() -> None:
     cam = Publisher()
     feed = PushFeed()
     out: list[EncodedPacket] = []
-    stream = LiveStream("dash", "push", lambda: build_detector(("faces",), VIDEO_PROFILE), FILL,
+    stream = LiveStream("dash", "push", RedactSettings(("faces",), FILL),
                         LiveOptions(read_timeout_s=2.0, width=320, height=240, fps=25),
                         sinks=[out.append], feed=feed)
     stream.start()

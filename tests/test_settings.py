@@ -22,9 +22,9 @@ from engines.registry import (
     build_detector,
 )
 from gateway.cli import main
-from pipeline.config import apply_sets, config_from_dict, load_config
 from pipeline.files import Redactor, RedactSettings
 from pipeline.frame import Frame
+from pipeline.settings import apply_sets, config_from_dict, load_config
 from pipeline.stages import RedactStage
 from tests.conftest import ASTRONAUT_FACE, astronaut_bgr_image, fill_fraction, region
 

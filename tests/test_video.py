@@ -17,7 +17,7 @@ from engines.redact import Method, Style
 from engines.registry import CompositeDetector
 from gateway.cli import main
 from pipeline.frame import Frame
-from pipeline.stages import RedactStage
+from pipeline.stages import Redact
 from pipeline.video import VideoOptions, redact_video
 from tests.conftest import (
     background,
@@ -250,10 +250,10 @@ def test_failure_keeps_an_existing_output_intact(tmp_path: Path,
 
 def test_encoder_refuses_an_unredacted_frame(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              video_detector: CompositeDetector) -> None:
-    def skip_redaction(self: RedactStage, frame: Frame) -> Frame:
-        return frame  # a broken stage that forgets to redact
+    def skip_redaction(self: Redact, frame: Frame) -> Frame:
+        return frame  # a broken redaction step that forgets to redact
 
-    monkeypatch.setattr(RedactStage, "_finish", skip_redaction)
+    monkeypatch.setattr(Redact, "__call__", skip_redaction)
     src = write_video(tmp_path / "in.mp4", moving_face_clip(n=12).frames, audio="aac")
     out_dir = tmp_path / "out"
     with pytest.raises(UnredactedFrameError, match="frame 0"):

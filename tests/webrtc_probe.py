@@ -20,8 +20,8 @@ import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from engines.redact import Method, Style
-from engines.registry import VIDEO_PROFILE, build_detector
 from pipeline.live import LiveOptions, LiveStream, Status, no_signal_frame
+from pipeline.settings import RedactSettings
 from pipeline.webrtc import WebRtcHub
 from tests.conftest import fill_fraction, region
 from tests.live_helpers import Camera, read_stamp
@@ -125,8 +125,8 @@ async def viewer(hub: WebRtcHub, frames: int, out: dict[str, Any]) -> None:
 async def main(n_viewers: int, frames: int, forwarded: bool = False) -> dict[str, Any]:
     cam = Camera().start()
     hub = WebRtcHub(advertised_host=ADVERTISED if forwarded else None)
-    stream = LiveStream("probe", cam.url, lambda: build_detector(("faces",), VIDEO_PROFILE),
-                        Style(Method.FILL, fill_bgr=MAGENTA),
+    stream = LiveStream("probe", cam.url,
+                        RedactSettings(("faces",), Style(Method.FILL, fill_bgr=MAGENTA)),
                         LiveOptions(width=320, height=240, fps=25), sinks=[hub.push])
     hub._request_keyframe = stream.request_keyframe
     stream.start()

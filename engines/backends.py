@@ -1,0 +1,269 @@
+"""Inference backends, found by name, and the one cache of loaded models.
+
+A *backend* turns ONNX model bytes into a session on a device. Backends are registered by name
+(:func:`register_backend`); today there is one, ``onnxruntime`` on the CPU. A GPU backend
+(TensorRT, torch/CUDA) registers itself the same way and every detector picks it up through
+:func:`load_model` without a change to the pipeline.
+
+:func:`load_model` is the only place a model is loaded: one session per (model bytes, backend,
+threads) in the process, however many detectors, file jobs and live streams use it (the
+detectors themselves are cheap objects around these sessions). A model whose batch dimension is
+dynamic is wrapped in a :class:`BatchedSession`, which runs the requests that callers on other
+threads make at the same time as one batch (see :mod:`engines.service`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from engines.errors import RedactionError
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("cpu",)  # devices a backend is registered for in this install (see register_backend)
+# Most frames one batched run takes. On the CPU a batch of two 640x384 YuNet inputs costs about
+# what one does per frame and larger ones cost more per frame (their activations leave the
+# cache), so the default stays small; a GPU backend sets its own.
+CPU_MAX_BATCH = 2
+
+
+class Runs(Protocol):
+    def run(self, output_names: Sequence[str] | None,
+            input_feed: dict[str, np.ndarray]) -> list[Any]: ...
+
+
+class Session(Runs, Protocol):
+    """What the detectors use of an onnxruntime ``InferenceSession``."""
+
+    def get_inputs(self) -> Any: ...
+
+    def get_outputs(self) -> Any: ...
+
+    def get_modelmeta(self) -> Any: ...
+
+
+class Backend(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def max_batch(self) -> int: ...  # most frames one batched run takes on this backend
+
+    def load(self, model_bytes: bytes, threads: int) -> Session: ...
+
+
+class BackendError(RedactionError, ValueError):
+    """An unknown backend or device, or one that cannot run here (the message says why)."""
+
+
+_session_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeCpu:
+    """onnxruntime's CPU execution provider."""
+
+    name: str = "onnxruntime"
+    device: str = "cpu"
+    max_batch: int = CPU_MAX_BATCH
+
+    def load(self, model_bytes: bytes, threads: int) -> Session:
+        """A session with ``threads`` intra-op threads (0 lets onnxruntime choose)."""
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        # no busy-waiting between runs: decoding and encoding threads need those cores
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # no memory arena: it keeps the largest pass's buffers (hundreds of MiB after a big
+        # photo) for the life of the process
+        opts.enable_cpu_mem_arena = False
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        with _session_lock:
+            session: Session = ort.InferenceSession(model_bytes, sess_options=opts,
+                                                    providers=["CPUExecutionProvider"])
+        return session
+
+
+_BACKENDS: dict[str, Callable[[], Backend]] = {"onnxruntime": OnnxRuntimeCpu}
+_BY_DEVICE: dict[str, str] = {"cpu": "onnxruntime"}
+
+
+def register_backend(name: str, factory: Callable[[], Backend], device: str) -> None:
+    """Make ``factory``'s backend available as ``name``, and the one used on ``device``."""
+    _BACKENDS[name] = factory
+    _BY_DEVICE[device] = name
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(_BACKENDS)
+
+
+def resolve_device(device: str) -> str:
+    """``cpu``, or a device a backend is registered for; ``auto`` picks the best one here."""
+    d = device.strip().lower()
+    if d == "auto":
+        return next((x for x in _BY_DEVICE if x != "cpu"), "cpu")
+    if d not in _BY_DEVICE:
+        raise BackendError(f"no detector backend for device {device!r} in this install; "
+                           f"available: {', '.join(['auto', *_BY_DEVICE])}")
+    return d
+
+
+def backend_for(device: str = "cpu") -> Backend:
+    """The backend that runs models on ``device``."""
+    return _BACKENDS[_BY_DEVICE[resolve_device(device)]]()
+
+
+class BatchedSession:
+    """A session whose ``run`` may be called from many threads at once: requests with the same
+    outputs and input shapes (but for the batch) that wait together are stacked along axis 0,
+    run once, and each caller gets its own rows back.
+
+    Greedy, with no added wait: the first caller runs at once; whoever calls while a run is in
+    progress waits for it and then goes in the next batch, up to ``max_batch`` frames. So a lone
+    caller (a file job) pays nothing, and many streams on one device share runs.
+    """
+
+    def __init__(self, inner: Runs, max_batch: int) -> None:
+        self.inner = inner
+        self.max_batch = max(1, int(max_batch))
+        self._cv = threading.Condition()
+        self._queue: list[_Request] = []
+        self._running = False
+        self.runs = 0  # model runs made
+        self.frames = 0  # frames (batch rows) run
+
+    def __getattr__(self, name: str) -> Any:  # get_inputs, get_outputs, get_modelmeta ...
+        return getattr(self.inner, name)
+
+    def run(self, output_names: Sequence[str] | None,
+            input_feed: dict[str, np.ndarray]) -> list[Any]:
+        req = _Request(tuple(output_names) if output_names is not None else None, input_feed)
+        with self._cv:
+            self._queue.append(req)
+        while True:
+            with self._cv:
+                while not req.done and self._running:
+                    self._cv.wait()
+                if req.done:
+                    return req.result()
+                batch = self._take()
+                self._running = True
+            try:
+                self._run_batch(batch)  # may be others' requests: then wait on for ours
+            finally:
+                with self._cv:
+                    self._running = False
+                    self._cv.notify_all()
+
+    def _take(self) -> list[_Request]:
+        """The oldest waiting request and those that can join it (called with the lock)."""
+        head = self._queue[0]
+        batch, rows = [head], head.rows
+        for r in self._queue[1:]:
+            if rows + r.rows > self.max_batch:
+                break
+            if r.key == head.key:
+                batch.append(r)
+                rows += r.rows
+        for r in batch:
+            self._queue.remove(r)
+        return batch
+
+    def _run_batch(self, batch: list[_Request]) -> None:
+        names = batch[0].outputs
+        try:
+            if len(batch) == 1:
+                outs = list(self.inner.run(names, batch[0].feed))
+                batch[0].outputs_value = outs
+            else:
+                feed = {k: np.concatenate([r.feed[k] for r in batch]) for k in batch[0].feed}
+                outs = list(self.inner.run(names, feed))
+                start = 0
+                for r in batch:
+                    r.outputs_value = [np.asarray(o)[start:start + r.rows] for o in outs]
+                    start += r.rows
+            self.runs += 1
+            self.frames += sum(r.rows for r in batch)
+        except BaseException as exc:
+            for r in batch:
+                r.error = exc
+        finally:
+            for r in batch:
+                r.done = True
+
+
+class _Request:
+    def __init__(self, outputs: tuple[str, ...] | None, feed: dict[str, np.ndarray]) -> None:
+        self.outputs = outputs
+        self.feed = feed
+        arrays = list(feed.values())
+        self.rows = int(arrays[0].shape[0]) if arrays and arrays[0].ndim else 1
+        self.key = (outputs, tuple((k, v.shape[1:], v.dtype.str) for k, v in feed.items()))
+        self.done = False
+        self.outputs_value: list[Any] = []
+        self.error: BaseException | None = None
+
+    def result(self) -> list[Any]:
+        if self.error is not None:
+            raise self.error
+        return self.outputs_value
+
+
+@dataclass
+class LoadedModel:
+    """One entry of the model cache (what ``loaded_models()`` lists)."""
+
+    sha256: str
+    backend: str
+    device: str
+    threads: int
+    session: Session
+
+
+_MODELS: dict[tuple[str, str, int, bool], LoadedModel] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def load_model(model_bytes: bytes, *, device: str = "cpu", threads: int = 0,
+               batch: bool = False, shared: bool = True) -> Session:
+    """The session of ``model_bytes`` on ``device``, loaded once per process.
+
+    ``batch``: the model's first input dimension is a dynamic batch, so callers on several
+    threads may share runs (:class:`BatchedSession`). ``shared=False`` loads a private session
+    that no one else uses (kept for measuring the one-model-per-stream shape against this one).
+    """
+    be = backend_for(device)
+    if not shared:
+        return be.load(model_bytes, threads)
+    sha = hashlib.sha256(model_bytes).hexdigest()
+    key = (sha, be.name, int(threads), bool(batch))
+    with _MODELS_LOCK:
+        found = _MODELS.get(key)
+        if found is not None:
+            return found.session
+        session = be.load(model_bytes, threads)
+        if batch and be.max_batch > 1:
+            session = BatchedSession(session, be.max_batch)
+        _MODELS[key] = LoadedModel(sha, be.name, be.device, int(threads), session)
+        log.debug("model %s loaded on %s (%s)", sha[:12], be.device, be.name)
+        return session
+
+
+def loaded_models() -> list[LoadedModel]:
+    """Every model session this process holds."""
+    with _MODELS_LOCK:
+        return list(_MODELS.values())
