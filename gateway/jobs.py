@@ -24,16 +24,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from engines.faces import effective_scales
-from engines.redact import Method, Style
 from engines.registry import (
     IMAGE_PROFILE,
     VIDEO_PROFILE,
-    CategorySettings,
     DetectorConfig,
     category,
 )
@@ -43,6 +40,7 @@ from gateway.metrics import Metrics
 from gateway.settings import Settings
 from gateway.store import Job, Store
 from pipeline.files import Redactor, RedactSettings, manifest
+from pipeline.settings import settings_from_choices
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +49,7 @@ CONTENT_TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".webp": "image/webp
                  ".mkv": "video/x-matroska", ".webm": "video/webm", ".avi": "video/x-msvideo",
                  ".ts": "video/mp2t"}
 PROGRESS_EVERY_S = 0.5  # progress is written to the store at most this often per job
-REDACTOR_CACHE = 8  # redactors (loaded models) kept for different category/method choices
+REDACTOR_CACHE = 8  # redactors (built detectors) kept for different category/method choices
 IDLE_POLL_S = 0.5  # an idle worker looks at the store this often even without a wake-up
 MIB = 1024 * 1024
 # Working memory of one job, estimated before it runs from its declared size and categories
@@ -275,20 +273,16 @@ def status_json(job: Job, public_url: str | None = None) -> dict[str, Any]:
 
 def redact_settings(categories: list[str], options: dict[str, Any],
                     detector_threads: int = 0) -> RedactSettings:
-    """The pipeline settings of a job's choices (raises ValueError/UnknownCategoryError)."""
-    per = {cat: CategorySettings(method=Method.parse(m))
-           for cat, m in (options.get("methods") or {}).items()}
-    return RedactSettings(
-        categories=tuple(categories),
-        style=Style(method=Method.parse(options.get("method") or "blur")),
-        per_category=per,
-        image_detector=replace(IMAGE_PROFILE, threads=detector_threads),
-        video_detector=replace(VIDEO_PROFILE, threads=detector_threads))
+    """The pipeline settings of a job's choices (raises ValueError/UnknownCategoryError),
+    through the same route as a live stream's (:func:`pipeline.settings.settings_from_choices`)."""
+    return settings_from_choices(categories, method=options.get("method"),
+                                 methods=options.get("methods"), threads=detector_threads)
 
 
 class RedactorCache:
-    """Redactors (with their loaded models) by category and method choice, least recently
-    used dropped first."""
+    """Redactors (their detectors built) by category and method choice, least recently used
+    dropped first. The models under them are the process's one copy
+    (:func:`engines.backends.load_model`), whatever the number of redactors."""
 
     def __init__(self, detector_threads: int, size: int = REDACTOR_CACHE) -> None:
         self.detector_threads = detector_threads
