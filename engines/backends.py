@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -132,14 +133,16 @@ class BatchedSession:
     outputs and input shapes (but for the batch) that wait together are stacked along axis 0,
     run once, and each caller gets its own rows back.
 
-    Greedy, with no added wait: the first caller runs at once; whoever calls while a run is in
-    progress waits for it and then goes in the next batch, up to ``max_batch`` frames. So a lone
-    caller (a file job) pays nothing, and many streams on one device share runs.
+    Greedy: whoever calls while a run is in progress waits for it and then goes in the next
+    batch, up to ``max_batch`` frames. ``max_wait_s`` (default 0, the CPU's: a lone caller, a
+    file job, pays nothing) lets the oldest waiting request wait that long for others to fill
+    its batch before it runs (worth it where a batch costs about what one frame does: GPUs).
     """
 
-    def __init__(self, inner: Runs, max_batch: int) -> None:
+    def __init__(self, inner: Runs, max_batch: int, max_wait_s: float = 0.0) -> None:
         self.inner = inner
         self.max_batch = max(1, int(max_batch))
+        self.max_wait_s = max(0.0, float(max_wait_s))
         self._cv = threading.Condition()
         self._queue: list[_Request] = []
         self._running = False
@@ -154,10 +157,11 @@ class BatchedSession:
         req = _Request(tuple(output_names) if output_names is not None else None, input_feed)
         with self._cv:
             self._queue.append(req)
+            self._cv.notify_all()
         while True:
             with self._cv:
-                while not req.done and self._running:
-                    self._cv.wait()
+                while not req.done and (self._running or self._filling()):
+                    self._cv.wait(self._fill_left() or None)
                 if req.done:
                     return req.result()
                 batch = self._take()
@@ -168,6 +172,16 @@ class BatchedSession:
                 with self._cv:
                     self._running = False
                     self._cv.notify_all()
+
+    def _fill_left(self) -> float:
+        """Seconds the oldest waiting request may still wait for company (with the lock)."""
+        if not self.max_wait_s or not self._queue:
+            return 0.0
+        return max(0.0, self._queue[0].since + self.max_wait_s - time.monotonic())
+
+    def _filling(self) -> bool:
+        return (self._fill_left() > 0
+                and sum(r.rows for r in self._queue) < self.max_batch)
 
     def _take(self) -> list[_Request]:
         """The oldest waiting request and those that can join it (called with the lock)."""
@@ -213,6 +227,7 @@ class _Request:
         arrays = list(feed.values())
         self.rows = int(arrays[0].shape[0]) if arrays and arrays[0].ndim else 1
         self.key = (outputs, tuple((k, v.shape[1:], v.dtype.str) for k, v in feed.items()))
+        self.since = time.monotonic()
         self.done = False
         self.outputs_value: list[Any] = []
         self.error: BaseException | None = None

@@ -257,3 +257,22 @@ def test_the_real_face_model_gives_the_same_boxes_batched_or_alone() -> None:
     for w, g in zip(want, got, strict=True):
         for a, b in zip(w, g, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_a_wait_bound_lets_a_later_caller_join_the_batch() -> None:
+    inner = _Recorder()
+    session = BatchedSession(inner, max_batch=2, max_wait_s=0.5)
+    out: list[Any] = []
+
+    def call(i: int) -> None:
+        out.append(session.run(["y", "s"], {"x": np.full((1, 1, 1), i, np.float32)}))
+
+    first = threading.Thread(target=call, args=(1,))
+    first.start()
+    time.sleep(0.1)  # the second caller comes later, within the wait bound
+    call(2)
+    first.join(5)
+    assert inner.batches == [2] and len(out) == 2
+    t0 = time.monotonic()
+    call(3)  # alone: runs once the bound has passed
+    assert inner.batches == [2, 1] and 0.4 < time.monotonic() - t0 < 2
