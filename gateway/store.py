@@ -1,5 +1,6 @@
 """The service's state in one SQLite file (WAL): API keys (hashed), jobs, monthly usage,
-webhook deliveries, per-minute rate windows and the workers' heartbeats.
+webhook deliveries, per-minute rate windows, live-stream definitions (with the lease and the
+runtime figures of the worker running each) and the workers' heartbeats.
 
 Callers use only the methods of :class:`Store` (no SQL outside this module), so another
 database (PostgreSQL) can stand beside SQLite with the same methods:
@@ -11,14 +12,21 @@ database (PostgreSQL) can stand beside SQLite with the same methods:
   ``finish_job``, ``mark_deleted``, ``due_for_expiry``, ``mark_expired``, ``reap_abandoned``
 - webhook deliveries: ``add_delivery``, ``claim_delivery``, ``renew_delivery``,
   ``record_attempt``, ``next_delivery_time``, ``deliveries_for``, ``delivery_counts``
+- live streams: ``insert_stream``, ``upsert_stream``, ``stream``, ``list_streams``,
+  ``update_stream``, ``delete_stream``, ``remove_config_streams``, ``claim_stream``,
+  ``renew_streams``, ``release_stream``, ``next_stream_expiry``
 - workers: ``worker_seen``, ``remove_worker``, ``live_workers``
 - ``close``
 
 Work is shared by leases: a worker claims a job (or a webhook delivery) under an owner name
 until a time it keeps renewing; a claim whose lease ran out may be taken by another worker, and
 whatever the first owner writes after that is refused (``finish_job``, ``record_attempt``,
-``set_progress`` and ``renew_*`` are fenced by owner). Lease times are unix seconds, so the
-machines sharing a store need clocks that agree to well within a lease.
+``set_progress`` and ``renew_*`` are fenced by owner). A live stream is claimed the same way
+(``claim_stream``) and held for as long as its worker runs it: each renewal
+(``renew_streams``) also writes the stream's runtime figures (where it is served, its
+statistics) and answers with the definition as it stands, so the worker sees a new version
+(``update_stream`` bumps it) or a deleted stream at its next renewal. Lease times are unix
+seconds, so the machines sharing a store need clocks that agree to well within a lease.
 
 One connection per process, shared by the event loop and the worker threads behind a lock;
 every write is its own transaction (or an explicit one), so a process killed at any moment
@@ -36,7 +44,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,13 +132,29 @@ CREATE TABLE IF NOT EXISTS workers (
     pid INTEGER NOT NULL,
     started_at REAL NOT NULL,
     seen_at REAL NOT NULL,
-    ready INTEGER NOT NULL DEFAULT 0
+    ready INTEGER NOT NULL DEFAULT 0,
+    control_url TEXT
 );
+CREATE TABLE IF NOT EXISTS streams (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    owner TEXT,
+    definition TEXT NOT NULL,
+    version INTEGER NOT NULL DEFAULT 1,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    lease_owner TEXT,
+    lease_expires_at REAL,
+    runtime TEXT,
+    runtime_at REAL
+);
+CREATE INDEX IF NOT EXISTS streams_by_owner ON streams (owner, created_at);
 """
 
 # columns added since the first release: added to an older file when it is opened
 _ADDED_COLUMNS = {"jobs": (("lease_owner", "TEXT"), ("lease_expires_at", "REAL")),
-                  "deliveries": (("lease_owner", "TEXT"), ("lease_expires_at", "REAL"))}
+                  "deliveries": (("lease_owner", "TEXT"), ("lease_expires_at", "REAL")),
+                  "workers": (("control_url", "TEXT"),)}
 _DELIVERY_COLUMNS = ("id, job_id, key_id, url, event, body, status, attempts, next_attempt_at, "
                      "last_status_code, last_error")
 # whether anything can be claimed (read without the write lock, before a claim takes it)
@@ -139,6 +163,7 @@ _CLAIMABLE_JOB = ("SELECT 1 FROM jobs WHERE deleted = 0 AND (status = 'queued' O
 _CLAIMABLE_DELIVERY = ("SELECT 1 FROM deliveries WHERE (status = 'pending' AND "
                        "next_attempt_at <= ?) OR (status = 'sending' AND "
                        "coalesce(lease_expires_at, 0) <= ?) LIMIT 1")
+_CLAIMABLE_STREAM = "SELECT 1 FROM streams WHERE coalesce(lease_expires_at, 0) <= ? LIMIT 1"
 RATE_SWEEP_EVERY = 1000  # rate_hit calls between two deletions of idle windows
 WORKER_ROWS_KEPT_S = 24 * 3600  # heartbeats of workers gone this long are deleted"""
 
@@ -224,6 +249,34 @@ class WorkerInfo:
     started_at: float
     seen_at: float
     ready: bool
+    control_url: str | None = None  # where its stream runner takes forwarded requests
+
+
+@dataclass(frozen=True)
+class StreamRow:
+    """A live stream as stored: its ``definition`` (the user's fields, see
+    :mod:`gateway.streams`), a ``version`` bumped by each change, and while a worker runs it,
+    the claim (``lease_owner`` until ``lease_expires_at``) and the ``runtime`` figures that
+    worker last wrote (at ``runtime_at``)."""
+
+    id: str
+    name: str
+    owner: str | None
+    definition: dict[str, Any]
+    version: int
+    created_at: float
+    updated_at: float
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
+    runtime: dict[str, Any] | None = None
+    runtime_at: float | None = None
+
+
+def _stream(row: sqlite3.Row) -> StreamRow:
+    d = dict(row)
+    d["definition"] = json.loads(d["definition"])
+    d["runtime"] = json.loads(d["runtime"]) if d["runtime"] else None
+    return StreamRow(**d)
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -632,16 +685,155 @@ class Store:
         return allowed, count, start
 
     # ----------------------------------------------------------------------------------------
+    # live streams
+
+    def insert_stream(self, *, stream_id: str, name: str, owner: str | None,
+                      definition: dict[str, Any], now: float) -> bool:
+        """A new stream (version 1, run by no worker yet); False, and nothing written, when a
+        stream with this id or name exists."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM streams WHERE id = ? OR name = ?",
+                          (stream_id, name)).fetchone():
+                return False
+            db.execute("INSERT INTO streams (id, name, owner, definition, version, created_at, "
+                       "updated_at) VALUES (?, ?, ?, ?, 1, ?, ?)",
+                       (stream_id, name, owner, json.dumps(definition), now, now))
+        return True
+
+    def upsert_stream(self, *, stream_id: str, name: str, owner: str | None,
+                      definition: dict[str, Any], now: float) -> StreamRow | None:
+        """Insert the stream ``stream_id``, or replace its definition (bumping the version
+        when it changed); None when another stream has this name."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM streams WHERE name = ? AND id != ?",
+                          (name, stream_id)).fetchone():
+                return None
+            body = json.dumps(definition)
+            row = db.execute("SELECT definition FROM streams WHERE id = ?",
+                             (stream_id,)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO streams (id, name, owner, definition, version, "
+                           "created_at, updated_at) VALUES (?, ?, ?, ?, 1, ?, ?)",
+                           (stream_id, name, owner, body, now, now))
+            elif json.loads(row["definition"]) != definition:
+                db.execute("UPDATE streams SET name = ?, owner = ?, definition = ?, "
+                           "version = version + 1, updated_at = ? WHERE id = ?",
+                           (name, owner, body, now, stream_id))
+            got = db.execute("SELECT * FROM streams WHERE id = ?", (stream_id,)).fetchone()
+        return _stream(got)
+
+    def stream(self, stream_id: str) -> StreamRow | None:
+        row = self._one("SELECT * FROM streams WHERE id = ?", (stream_id,))
+        return _stream(row) if row else None
+
+    def list_streams(self, visible_to: str | None = None) -> list[StreamRow]:
+        """Every stream, oldest first; with ``visible_to`` (a key id), that key's streams and
+        the ones without an owner (the cameras file's)."""
+        if visible_to is None:
+            rows = self._all("SELECT * FROM streams ORDER BY created_at, id")
+        else:
+            rows = self._all("SELECT * FROM streams WHERE owner IS NULL OR owner = ? "
+                             "ORDER BY created_at, id", (visible_to,))
+        return [_stream(r) for r in rows]
+
+    def update_stream(self, stream_id: str, definition: dict[str, Any], now: float,
+                      version: int | None = None) -> StreamRow | None:
+        """A new definition, as the next version; with ``version``, only if the stream is
+        still at that version (None: gone, or changed meanwhile)."""
+        with self.transaction() as db:
+            sql = "UPDATE streams SET definition = ?, version = version + 1, updated_at = ? " \
+                "WHERE id = ?"
+            args: tuple[Any, ...] = (json.dumps(definition), now, stream_id)
+            if version is not None:
+                sql += " AND version = ?"
+                args += (version,)
+            if db.execute(sql, args).rowcount == 0:
+                return None
+            got = db.execute("SELECT * FROM streams WHERE id = ?", (stream_id,)).fetchone()
+        return _stream(got)
+
+    def delete_stream(self, stream_id: str) -> bool:
+        """Delete a stream; its worker stops it at its next renewal."""
+        return self._exec("DELETE FROM streams WHERE id = ?", (stream_id,)) > 0
+
+    def remove_config_streams(self, keep: set[str]) -> list[str]:
+        """Delete the streams without an owner (a cameras file's) whose ids are not in
+        ``keep``; returns their ids."""
+        with self.transaction() as db:
+            ids = [r["id"] for r in db.execute("SELECT id FROM streams WHERE owner IS NULL")
+                   if r["id"] not in keep]
+            for stream_id in ids:
+                db.execute("DELETE FROM streams WHERE id = ?", (stream_id,))
+        return ids
+
+    def claim_stream(self, now: float, owner: str, lease_s: float) -> StreamRow | None:
+        """Take the oldest stream no worker holds (never claimed, released, or under a lease
+        that ran out: its worker died or stalled) for ``owner`` until ``now + lease_s``; the
+        runtime figures of an earlier holder are cleared. None when there is none."""
+        if self._one(_CLAIMABLE_STREAM, (now,)) is None:  # idle pollers take no write lock
+            return None
+        with self.transaction() as db:
+            row = db.execute("SELECT id FROM streams WHERE coalesce(lease_expires_at, 0) <= ? "
+                             "ORDER BY created_at, id LIMIT 1", (now,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE streams SET lease_owner = ?, lease_expires_at = ?, "
+                       "runtime = NULL, runtime_at = NULL WHERE id = ?",
+                       (owner, now + lease_s, row["id"]))
+            got = db.execute("SELECT * FROM streams WHERE id = ?", (row["id"],)).fetchone()
+        return _stream(got)
+
+    def renew_streams(self, claims: Mapping[str, tuple[str, dict[str, Any] | None]], now: float,
+                      until: float) -> dict[str, StreamRow | None]:
+        """For each ``stream id -> (owner, runtime)``: extend the owner's lease to ``until``
+        and record ``runtime`` (when given) as of ``now``, in one transaction. Answers, per
+        stream, the row as it now stands, or None where the claim is lost (another worker
+        took the stream over, or it was released) or the stream was deleted."""
+        out: dict[str, StreamRow | None] = {}
+        if not claims:
+            return out
+        with self.transaction() as db:
+            for stream_id, (owner, runtime) in claims.items():
+                if runtime is None:
+                    n = db.execute("UPDATE streams SET lease_expires_at = ? WHERE id = ? AND "
+                                   "lease_owner = ?", (until, stream_id, owner)).rowcount
+                else:
+                    n = db.execute("UPDATE streams SET lease_expires_at = ?, runtime = ?, "
+                                   "runtime_at = ? WHERE id = ? AND lease_owner = ?",
+                                   (until, json.dumps(runtime), now, stream_id,
+                                    owner)).rowcount
+                row = db.execute("SELECT * FROM streams WHERE id = ?",
+                                 (stream_id,)).fetchone() if n else None
+                out[stream_id] = _stream(row) if row is not None else None
+        return out
+
+    def next_stream_expiry(self, now: float) -> float | None:
+        """When the next lease on a stream runs out (after ``now``): a worker with room for
+        more streams looks again then."""
+        row = self._one("SELECT min(lease_expires_at) AS t FROM streams "
+                        "WHERE lease_expires_at > ?", (now,))
+        return float(row["t"]) if row and row["t"] is not None else None
+
+    def release_stream(self, stream_id: str, owner: str) -> bool:
+        """Give a stream back (its worker stops it cleanly): another worker may claim it at
+        once. False when ``owner`` no longer held it."""
+        return self._exec("UPDATE streams SET lease_owner = NULL, lease_expires_at = NULL, "
+                          "runtime = NULL, runtime_at = NULL WHERE id = ? AND lease_owner = ?",
+                          (stream_id, owner)) > 0
+
+    # ----------------------------------------------------------------------------------------
     # workers
 
     def worker_seen(self, worker_id: str, *, host: str, pid: int, started_at: float,
-                    now: float, ready: bool) -> None:
-        """A worker's heartbeat (``ready``: its models are loaded)."""
+                    now: float, ready: bool, control_url: str | None = None) -> None:
+        """A worker's heartbeat (``ready``: its models are loaded; ``control_url``: where its
+        stream runner takes the requests the API forwards)."""
         with self.transaction() as db:
-            db.execute("INSERT INTO workers (id, host, pid, started_at, seen_at, ready) "
-                       "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
-                       "seen_at = excluded.seen_at, ready = excluded.ready",
-                       (worker_id, host, pid, started_at, now, int(ready)))
+            db.execute("INSERT INTO workers (id, host, pid, started_at, seen_at, ready, "
+                       "control_url) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE "
+                       "SET seen_at = excluded.seen_at, ready = excluded.ready, "
+                       "control_url = excluded.control_url",
+                       (worker_id, host, pid, started_at, now, int(ready), control_url))
             db.execute("DELETE FROM workers WHERE seen_at < ?", (now - WORKER_ROWS_KEPT_S,))
 
     def remove_worker(self, worker_id: str) -> None:
@@ -650,6 +842,6 @@ class Store:
 
     def live_workers(self, since: float) -> list[WorkerInfo]:
         """Workers whose last heartbeat is at ``since`` or later."""
-        rows = self._all("SELECT id, host, pid, started_at, seen_at, ready FROM workers "
-                         "WHERE seen_at >= ? ORDER BY started_at", (since,))
+        rows = self._all("SELECT id, host, pid, started_at, seen_at, ready, control_url "
+                         "FROM workers WHERE seen_at >= ? ORDER BY started_at", (since,))
         return [WorkerInfo(**{**dict(r), "ready": bool(r["ready"])}) for r in rows]
