@@ -15,6 +15,7 @@ threads make at the same time as one batch (see :mod:`engines.service`).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import threading
 import time
@@ -201,15 +202,22 @@ class BatchedSession:
         names = batch[0].outputs
         try:
             if len(batch) == 1:
-                outs = list(self.inner.run(names, batch[0].feed))
-                batch[0].outputs_value = outs
+                batch[0].outputs_value = list(self.inner.run(names, batch[0].feed))
             else:
                 feed = {k: np.concatenate([r.feed[k] for r in batch]) for k in batch[0].feed}
-                outs = list(self.inner.run(names, feed))
-                start = 0
-                for r in batch:
-                    r.outputs_value = [np.asarray(o)[start:start + r.rows] for o in outs]
-                    start += r.rows
+                outs = [np.asarray(o) for o in self.inner.run(names, feed)]
+                parts = [split_batch(o, [r.rows for r in batch]) for o in outs]
+                if any(p is None for p in parts):
+                    # outputs that do not carry the batch in a way we can split: run the
+                    # requests one by one, and this model alone from now on
+                    log.warning("a model's outputs do not split by batch row; it runs "
+                                "unbatched")
+                    self.max_batch = 1
+                    for r in batch:
+                        r.outputs_value = list(self.inner.run(names, r.feed))
+                else:
+                    for i, r in enumerate(batch):
+                        r.outputs_value = [p[i] for p in parts if p is not None]
             self.runs += 1
             self.frames += sum(r.rows for r in batch)
         except BaseException as exc:
@@ -218,6 +226,24 @@ class BatchedSession:
         finally:
             for r in batch:
                 r.done = True
+
+
+def split_batch(out: np.ndarray, rows: list[int]) -> list[np.ndarray] | None:
+    """One batched output cut back into each request's part, ``rows`` frames each.
+
+    Outputs carry the batch on their first axis (``(B, ...)``), or, as YuNet's do, keep a
+    leading 1 and lay the frames' results one after another on the second axis
+    (``(1, B * N, ...)``, frame-major: each frame's N rows together). None when the output
+    fits neither (the caller then runs the requests one at a time).
+    """
+    total = sum(rows)
+    bounds = np.cumsum([0, *rows])
+    if out.ndim >= 1 and out.shape[0] == total:
+        return [out[a:b] for a, b in itertools.pairwise(bounds)]
+    if out.ndim >= 2 and out.shape[0] == 1 and out.shape[1] % total == 0:
+        per = out.shape[1] // total
+        return [out[:, a * per:b * per] for a, b in itertools.pairwise(bounds)]
+    return None
 
 
 class _Request:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engines.backends import BatchedSession, load_model, loaded_models
+from engines.backends import BatchedSession, load_model, loaded_models, split_batch
 from engines.detections import Detections, Origin
 from engines.errors import DetectorError
 from engines.faces import ModelInfo
@@ -221,6 +221,16 @@ def test_a_batched_session_runs_concurrent_callers_together_and_splits_their_row
     assert max(inner.batches) <= 4 and session.runs == len(inner.batches)
 
 
+def test_batched_outputs_are_cut_back_by_frame_on_either_axis() -> None:
+    first = np.arange(2 * 3 * 2).reshape(2, 3, 2)  # (B, N, k)
+    assert [p.tolist() for p in split_batch(first, [1, 1]) or []] == [
+        first[:1].tolist(), first[1:].tolist()]
+    flat = np.arange(1 * 6 * 2).reshape(1, 6, 2)  # (1, B * N, k), frame-major
+    parts = split_batch(flat, [2, 1])
+    assert parts is not None and [p.shape for p in parts] == [(1, 4, 2), (1, 2, 2)]
+    assert split_batch(np.zeros((1, 5)), [1, 1]) is None  # neither: run one at a time
+
+
 def test_a_batched_session_gives_a_failure_to_every_caller_of_that_run() -> None:
     class Failing:
         def run(self, names: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -238,7 +248,8 @@ def test_the_real_face_model_gives_the_same_boxes_batched_or_alone() -> None:
 
     data = dynamic_onnx_bytes(YUNET.resolve(), {"input": ["B", 3, "H", "W"]})
     alone = load_model(data, shared=False)
-    batched = BatchedSession(load_model(data, shared=False), max_batch=2)
+    # the wait bound makes the two callers meet in one run
+    batched = BatchedSession(load_model(data, shared=False), max_batch=2, max_wait_s=5.0)
     img = astronaut_bgr_image()[:256, :256]
     blobs = [np.ascontiguousarray(img.transpose(2, 0, 1)[None].astype(np.float32)),
              np.ascontiguousarray(img[:, ::-1].transpose(2, 0, 1)[None].astype(np.float32))]
@@ -254,8 +265,10 @@ def test_the_real_face_model_gives_the_same_boxes_batched_or_alone() -> None:
         t.start()
     for t in threads:
         t.join(30)
+    assert batched.runs == 1 and batched.frames == 2  # one run for both
     for w, g in zip(want, got, strict=True):
-        for a, b in zip(w, g, strict=True):
+        for a, b in zip(w, g, strict=True):  # (1, N, k) each, as alone
+            assert a.shape == b.shape
             np.testing.assert_allclose(a, b, atol=1e-4)
 
 
