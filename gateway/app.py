@@ -1,6 +1,7 @@
-"""The FastAPI application: ``create_app(settings)`` builds it; its lifespan opens the store
-and, unless ``settings.embedded_worker`` is off, starts an in-process worker (job workers,
-webhook deliveries, the sweeper, the models)."""
+"""The FastAPI application: ``create_app(settings)`` builds it; its lifespan opens the store,
+brings the stream definitions up to date (``streams.json`` of an older release, the cameras
+file) and, unless ``settings.embedded_worker`` is off, starts an in-process worker (job
+workers, webhook deliveries, the sweeper, the models, live streams)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from gateway.auth import RateLimitHeaders
 from gateway.errors import install_handlers
 from gateway.service import Service
 from gateway.settings import Settings
-from gateway.streams import StreamManager, StreamSettings
+from gateway.stream_catalog import StreamCatalog
+from gateway.streams import StreamSettings
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +34,18 @@ def create_app(settings: Settings | None = None, streams_config: Path | None = N
     """The app for ``settings`` (default: from the environment, ``REDACT_*``);
     ``streams_config``: a TOML file of ``[[stream]]`` cameras started with the service."""
     settings = settings or Settings()
-    service = Service(settings)
-    streams = StreamManager(settings.data_dir, settings.host, stream_settings, streams_config)
-    service.metrics.watch_streams(streams)
+    stream_settings = stream_settings or StreamSettings()
+    service = Service(settings, stream_settings)
+    streams = StreamCatalog(settings, stream_settings, streams_config, service)
+    service.metrics.watch_streams(streams.metric_rows)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service.start()
-        streams.start()
+        service.start(before_worker=streams.start)
         try:
             yield
         finally:
-            streams.stop()
+            await streams.aclose()
             service.stop()
 
     app = FastAPI(title="Redaction gateway", version="1", description=DESCRIPTION,

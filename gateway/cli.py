@@ -35,18 +35,27 @@ def run_serve(args: argparse.Namespace) -> int:
     sys.stderr.write(f"redact serve: http://{settings.host}:{settings.port} (docs at /docs), "
                      f"data in {settings.data_dir}\n")
     if not settings.embedded_worker:
-        sys.stderr.write("redact serve: API only; jobs and webhooks are run by `redact worker` "
-                         "processes on the same data directory\n")
-    from gateway.streams import StreamSettings
-
-    given = {"rtsp_port": args.rtsp_port, "ice_advertised_host": args.advertise_host}
-    stream_settings = StreamSettings(**{k: v for k, v in given.items() if v is not None})
-    rtsp_host = stream_settings.rtsp_host or settings.host
-    sys.stderr.write(f"redact serve: live streams on rtsp://{rtsp_host}:"
-                     f"{stream_settings.rtsp_port}/<name>\n")
+        sys.stderr.write("redact serve: API only; jobs, webhooks and live streams are run by "
+                         "`redact worker` processes on the same data directory\n")
+    stream_settings = _stream_settings(args)
+    if settings.embedded_worker:
+        rtsp_host = stream_settings.rtsp_host or settings.host
+        sys.stderr.write(f"redact serve: live streams on rtsp://{rtsp_host}:"
+                         f"{stream_settings.rtsp_port}/<name>\n")
     uvicorn.run(create_app(settings, args.config, stream_settings), host=settings.host,
                 port=settings.port, log_level=level, timeout_graceful_shutdown=10)
     return 0
+
+
+def _stream_settings(args: argparse.Namespace) -> Any:
+    """Live-stream settings from the environment, with the options given on the command line."""
+    from gateway.streams import StreamSettings
+
+    given = {"rtsp_port": args.rtsp_port, "ice_advertised_host": args.advertise_host,
+             "control_host": getattr(args, "control_host", None),
+             "control_port": getattr(args, "control_port", None),
+             "max_streams": getattr(args, "max_streams", None)}
+    return StreamSettings(**{k: v for k, v in given.items() if v is not None})
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -55,9 +64,12 @@ def run_worker(args: argparse.Namespace) -> int:
     settings = _settings(args, workers=args.workers)
     level = "debug" if args.verbose else settings.log_level
     logging.getLogger().setLevel(level.upper())
+    stream_settings = _stream_settings(args)
+    rtsp_host = stream_settings.rtsp_host or settings.host
     sys.stderr.write(f"redact worker {settings.worker_id}: data in {settings.data_dir}, "
-                     f"{settings.workers} job slot(s)\n")
-    return run(settings)
+                     f"{settings.workers} job slot(s), live streams on rtsp://{rtsp_host}:"
+                     f"{stream_settings.rtsp_port or '<any free port>'}/<name>\n")
+    return run(settings, stream_settings)
 
 
 def _store(args: argparse.Namespace) -> Any:
@@ -101,7 +113,8 @@ def add_serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the REST API (and, by default, a worker)",
                        description="Run the REST API (docs at /docs) and, unless --no-worker, "
                                    "one worker in the same process: media jobs, webhook "
-                                   "deliveries, expiry. More workers can run beside it as "
+                                   "deliveries, expiry, live streams. More workers can run "
+                                   "beside it as "
                                    "`redact worker` processes on the same data directory. "
                                    "Every setting can also be given as an environment variable "
                                    "REDACT_<NAME>, e.g. REDACT_DATA_DIR.")
@@ -110,16 +123,10 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="jobs the in-process worker redacts at the same time (default: 2)")
     p.add_argument("--no-worker", action="store_true",
-                   help="run the API alone (also REDACT_EMBEDDED_WORKER=0): jobs wait for "
-                        "`redact worker` processes, and /readyz is ready only while one is "
-                        "alive")
-    p.add_argument("--rtsp-port", type=int, default=None,
-                   help="port of the RTSP server for live streams (default: 8554, or "
-                        "$REDACT_RTSP_PORT)")
-    p.add_argument("--advertise-host", default=None, metavar="ADDRESS",
-                   help="public address WebRTC viewers reach this machine at, behind a "
-                        "one-to-one NAT (default: $REDACT_ICE_ADVERTISED_HOST; STUN/TURN "
-                        "servers: $REDACT_ICE_SERVERS)")
+                   help="run the API alone (also REDACT_EMBEDDED_WORKER=0): jobs and live "
+                        "streams wait for `redact worker` processes, and /readyz is ready only "
+                        "while one is alive")
+    _stream_options(p)
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="TOML file of cameras started with the service: [[stream]] tables "
                         "with name, source (an rtsp:// URL or \"push\"), categories, method, "
@@ -128,21 +135,45 @@ def add_serve_parser(sub: Any) -> None:
     p.set_defaults(func=run_serve)
 
 
+def _stream_options(p: argparse.ArgumentParser, worker: bool = False) -> None:
+    p.add_argument("--rtsp-port", type=int, default=None,
+                   help="port of this process's RTSP server for the live streams it runs "
+                        "(default: 8554, or $REDACT_RTSP_PORT; 0: any free port)")
+    p.add_argument("--advertise-host", default=None, metavar="ADDRESS",
+                   help="public address WebRTC viewers reach this machine at, behind a "
+                        "one-to-one NAT (default: $REDACT_ICE_ADVERTISED_HOST; STUN/TURN "
+                        "servers: $REDACT_ICE_SERVERS)")
+    if not worker:
+        return
+    p.add_argument("--max-streams", type=int, default=None, metavar="N",
+                   help="live streams this worker runs at most (default: any number, or "
+                        "$REDACT_MAX_STREAMS; 0: none)")
+    p.add_argument("--control-host", default=None, metavar="ADDRESS",
+                   help="address of the control server the API forwards WHEP offers to "
+                        "(default: 127.0.0.1, or $REDACT_CONTROL_HOST); it takes only requests "
+                        "signed with the data directory's secret")
+    p.add_argument("--control-port", type=int, default=None,
+                   help="its port (default: 0, any free port, or $REDACT_CONTROL_PORT)")
+
+
 def add_worker_parser(sub: Any) -> None:
     p = sub.add_parser(
-        "worker", help="run media jobs and webhook deliveries without the API",
-        description="Run the data plane without HTTP: media-job workers, webhook deliveries, "
-                    "expiry of old results and the models, on the database and files of the "
+        "worker", help="run media jobs, webhook deliveries and live streams without the API",
+        description="Run the data plane without the API: media-job workers, webhook "
+                    "deliveries, expiry of old results, the models, and live streams with "
+                    "their RTSP, WebRTC and recording outputs, on the database and files of the "
                     "data directory that `redact serve` (e.g. with --no-worker) also uses. "
                     "Several workers may run at once, on this machine or others sharing the "
-                    "directory: each job and webhook attempt is claimed under a lease "
-                    "(REDACT_LEASE_S, default 30 s) renewed while it runs, so work a killed "
-                    "worker held is taken over by another once the lease runs out, and a "
-                    "result is published once. Stops cleanly on SIGTERM or Ctrl-C (a job "
-                    "still running is handed back). Settings as for `redact serve`: "
+                    "directory: each job, webhook attempt and live stream is claimed under a "
+                    "lease (REDACT_LEASE_S, default 30 s) renewed while it runs, so work a "
+                    "killed worker held is taken over by another once the lease runs out, and a "
+                    "result is published once. Each worker serves the streams it runs on its "
+                    "own RTSP server. Stops cleanly on SIGTERM or Ctrl-C (a job still running "
+                    "and every stream are handed back). Settings as for `redact serve`: "
                     "REDACT_<NAME> environment variables.")
     p.add_argument("--workers", type=int, default=None,
                    help="jobs redacted at the same time (default: 2, or $REDACT_WORKERS)")
+    _stream_options(p, worker=True)
     _data_dir_option(p)
     p.set_defaults(func=run_worker)
 

@@ -4,7 +4,7 @@ one process, as in tests)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -12,9 +12,8 @@ from prometheus_client.registry import Collector
 
 from gateway.store import JOB_STATES, Store
 
-if TYPE_CHECKING:
-    from gateway.streams import StreamManager
-
+# (name, status, stats) of every live stream, as the store's rows say
+StreamRows = Callable[[], list[tuple[str, str, dict[str, Any]]]]
 STREAM_STATES = ("connecting", "live", "reconnecting", "stopped", "failed")
 
 
@@ -45,8 +44,8 @@ class _StoreCollector(Collector):
 
 
 class _StreamCollector(Collector):
-    """Live streams at scrape time, labelled by stream name (never by source: camera URLs may
-    hold credentials)."""
+    """Live streams at scrape time, from the figures their workers keep in the store, labelled
+    by stream name (never by source: camera URLs may hold credentials)."""
 
     GAUGES = (("input_fps", "redact_stream_input_fps", "Frames per second from the camera"),
               ("output_fps", "redact_stream_output_fps", "Frames per second sent out"),
@@ -66,31 +65,33 @@ class _StreamCollector(Collector):
                  "'No signal' frames sent while nothing redacted was ready"),
                 ("reconnects", "redact_stream_reconnects", "Camera reconnection attempts"))
 
-    def __init__(self, streams: Callable[[], StreamManager | None]) -> None:
+    def __init__(self, streams: Callable[[], StreamRows | None]) -> None:
         self._streams = streams
 
     def collect(self) -> Iterator[Any]:
-        manager = self._streams()
-        if manager is None:
+        source = self._streams()
+        if source is None:
             return
-        rows = [(r.spec.name, manager.describe(r, "", with_token=False))
-                for r in manager.list(None)]
+        try:
+            rows = source()
+        except Exception:  # the store is not open (yet, or any more)
+            return
         status = GaugeMetricFamily("redact_stream_status", "1 for the stream's current status",
                                    labels=["stream", "status"])
-        for name, d in rows:
+        for name, state_now, _ in rows:
             for state in STREAM_STATES:
-                status.add_metric([name, state], 1.0 if d["status"] == state else 0.0)
+                status.add_metric([name, state], 1.0 if state_now == state else 0.0)
         yield status
         for key, metric, doc in self.GAUGES:
             g = GaugeMetricFamily(metric, doc, labels=["stream"])
-            for name, d in rows:
-                if d["stats"].get(key) is not None:
-                    g.add_metric([name], float(d["stats"][key]))
+            for name, _, stats in rows:
+                if stats.get(key) is not None:
+                    g.add_metric([name], float(stats[key]))
             yield g
         for key, metric, doc in self.COUNTERS:
             c = CounterMetricFamily(metric, doc, labels=["stream"])
-            for name, d in rows:
-                c.add_metric([name], float(d["stats"][key]))
+            for name, _, stats in rows:
+                c.add_metric([name], float(stats.get(key) or 0))
             yield c
 
 
@@ -118,12 +119,13 @@ class Metrics:
                                registry=self.registry)
         self.upload_bytes = Counter("redact_upload_bytes", "Bytes of accepted uploads",
                                     registry=self.registry)
-        self._streams: StreamManager | None = None
+        self._streams: StreamRows | None = None
         self.registry.register(_StreamCollector(lambda: self._streams))
         self.webhook_attempts = Counter("redact_webhook_attempts",
                                         "Webhook delivery attempts by outcome", ["outcome"],
                                         registry=self.registry)
 
-    def watch_streams(self, streams: StreamManager) -> None:
-        """Expose ``streams``' live figures at scrape time."""
-        self._streams = streams
+    def watch_streams(self, rows: StreamRows) -> None:
+        """Expose the live streams' figures (``rows()``: name, status, stats of each) at
+        scrape time."""
+        self._streams = rows

@@ -1,6 +1,7 @@
 """The API's side of a running service: store, file layout, rate limiter, upload checks and
 metrics; and, unless ``settings.embedded_worker`` is off (``redact serve --no-worker``), one
-in-process :class:`~gateway.worker.Worker` (job workers, webhook deliveries, sweeper, models).
+in-process :class:`~gateway.worker.Worker` (job workers, webhook deliveries, sweeper, models,
+live streams).
 
 Built and started by the app's lifespan (models load then, never at import). Workers in other
 processes (``redact worker``) share the store and the files; the API learns whether any is
@@ -12,12 +13,14 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 
 from gateway.jobs import Layout, Sweeper, WorkerPool
 from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from gateway.store import Store
+from gateway.streams import StreamSettings
 from gateway.worker import Worker, heartbeat_window
 
 log = logging.getLogger(__name__)
@@ -26,8 +29,9 @@ MIN_FREE_DISK_BYTES = 256 * 1024 * 1024  # /readyz fails below this much free sp
 
 
 class Service:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, stream_settings: StreamSettings | None = None) -> None:
         self.settings = settings
+        self.stream_settings = stream_settings or StreamSettings()
         self.layout = Layout(settings.data_dir)
         self.store: Store | None = None
         self.metrics = Metrics(lambda: self.store)
@@ -58,14 +62,18 @@ class Service:
     def warmup_error(self) -> str | None:
         return self.worker.warmup_error if self.worker else None
 
-    def start(self) -> None:
-        """Open the store and start the in-process worker (if any). Jobs a dead process left
-        are not touched here: a worker takes each over once its lease has run out."""
+    def start(self, before_worker: Callable[[], None] | None = None) -> None:
+        """Open the store, run ``before_worker()`` and start the in-process worker (if any).
+        Jobs and streams a dead process left are not touched here: a worker takes each over
+        once its lease has run out."""
         self.layout.create()
         self.store = Store(self.settings.db_path)
         self._limiter = RateLimiter(self.store)
+        if before_worker is not None:
+            before_worker()
         if self.settings.embedded_worker:
-            self.worker = Worker(self.settings, self.store, self.layout, self.metrics)
+            self.worker = Worker(self.settings, self.store, self.layout, self.metrics,
+                                 self.stream_settings)
             self.worker.start()
         log.info("service started: data in %s, %s, %d job(s) waiting", self.settings.data_dir,
                  f"{self.settings.workers} in-process job worker(s)" if self.worker

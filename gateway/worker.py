@@ -1,13 +1,17 @@
-"""The data plane without HTTP: media-job workers, webhook deliveries, the sweeper and the
-models' warm-up, working from the store and files of one data directory.
+"""The data plane: media-job workers, webhook deliveries, the sweeper, the models' warm-up and
+live streams (with their RTSP, WebRTC and recording outputs), working from the store and files
+of one data directory.
 
 ``redact worker`` runs one as its own process (:func:`run_worker`); ``redact serve`` runs one
 inside the API process unless told ``--no-worker``. Any number of workers, in any number of
 processes, share a data directory: each job and each webhook attempt is claimed in the store
 under a lease that the worker renews while it works (:mod:`gateway.leases`), so work a dead or
 stalled worker held is taken over by another once its lease runs out, and nothing is published
-or sent twice. Each worker records a heartbeat in the store, which the API's ``/readyz`` reads
-when it runs no worker of its own.
+or sent twice. Live streams are claimed the same way and run for as long as their worker holds
+them (:mod:`gateway.stream_runner`); each worker has its own RTSP server and a small control
+server for the requests the API forwards to its streams (WHEP). Each worker records a heartbeat
+in the store (with its control URL), which the API's ``/readyz`` reads when it runs no worker
+of its own.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from gateway.leases import LeaseKeeper
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from gateway.store import Store
+from gateway.stream_runner import StreamRunner
+from gateway.streams import StreamSettings, migrate_streams_file
 from gateway.webhooks import Deliverer
 
 log = logging.getLogger(__name__)
@@ -42,11 +48,11 @@ def heartbeat_window(lease_s: float) -> float:
 
 
 class Worker:
-    """Job workers, webhook deliveries, the sweeper, the models' warm-up and the heartbeat
-    of one process, on ``store`` (opened and closed by the caller)."""
+    """Job workers, webhook deliveries, the sweeper, the models' warm-up, live streams and the
+    heartbeat of one process, on ``store`` (opened and closed by the caller)."""
 
     def __init__(self, settings: Settings, store: Store, layout: Layout,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, stream_settings: StreamSettings | None = None) -> None:
         self.settings = settings
         self.id = settings.worker_id
         self.store = store
@@ -67,11 +73,14 @@ class Worker:
         self.pool = WorkerPool(store, layout, settings, metrics, self.redactors,
                                self.deliverer.wake, keeper=self.keeper)
         self.sweeper = Sweeper(store, layout, settings.sweep_interval_s)
+        self.streams = StreamRunner(settings, stream_settings or StreamSettings(), store,
+                                    self.id)
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
 
     def start(self) -> None:
         threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
+        self.streams.start()  # its control URL goes into the heartbeat
         self._seen()
         self.keeper.start()
         self.pool.start()
@@ -82,8 +91,10 @@ class Worker:
                  self.settings.workers, self.settings.lease_s, self.store.count_waiting())
 
     def stop(self) -> None:
-        """Stop taking work; a job still running after a grace period is given back."""
+        """Stop taking work; streams are given back at once, a job still running after a grace
+        period too."""
         self._stop.set()
+        self.streams.stop()
         for part in (self.pool, self.deliverer, self.sweeper):
             part.stop()
         self.keeper.stop()
@@ -100,7 +111,7 @@ class Worker:
 
     def alive(self) -> bool:
         return (self.pool.alive() and self.deliverer.alive() and self.sweeper.alive()
-                and self._beat.is_alive())
+                and self.streams.alive() and self._beat.is_alive())
 
     def readiness(self) -> dict[str, bool]:
         return {"models": self.models_ready.is_set() and self.warmup_error is None,
@@ -114,7 +125,8 @@ class Worker:
     def _seen(self) -> None:
         self.store.worker_seen(
             self.id, host=socket.gethostname(), pid=os.getpid(), started_at=self.started_at,
-            now=time.time(), ready=self.models_ready.is_set() and self.warmup_error is None)
+            now=time.time(), ready=self.models_ready.is_set() and self.warmup_error is None,
+            control_url=self.streams.control_url)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(heartbeat_interval(self.settings.lease_s)):
@@ -143,7 +155,7 @@ class Worker:
             log.warning("worker %s: heartbeat failed: %s", self.id, exc)
 
 
-def run_worker(settings: Settings) -> int:
+def run_worker(settings: Settings, stream_settings: StreamSettings | None = None) -> int:
     """``redact worker``: run a :class:`Worker` until SIGTERM or SIGINT (a second one stops at
     once), then stop it cleanly. Returns the exit status."""
     stop = threading.Event()
@@ -160,7 +172,8 @@ def run_worker(settings: Settings) -> int:
     layout = Layout(settings.data_dir)
     layout.create(clean_uploads=False)  # uploads in tmp/ are the API's
     store = Store(settings.db_path)
-    worker = Worker(settings, store, layout, Metrics(lambda: store))
+    migrate_streams_file(store, settings.data_dir)  # a data directory of an older release
+    worker = Worker(settings, store, layout, Metrics(lambda: store), stream_settings)
     try:
         worker.start()
         while not stop.wait(1.0):

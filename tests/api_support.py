@@ -90,12 +90,13 @@ class ApiKeyInfo:
         return {"Authorization": f"Bearer {self.key}"}
 
 
-def wait_ready(url: str, timeout_s: float = 60.0) -> None:
+def wait_ready(url: str, timeout_s: float = 60.0, path: str = "/readyz") -> None:
+    """Until ``url`` answers 200 at ``path`` (``/healthz``: it answers at all)."""
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
         try:
-            r = httpx.get(f"{url}/readyz", timeout=2)
+            r = httpx.get(f"{url}{path}", timeout=2)
             if r.status_code == 200:
                 return
             last = r.text
@@ -122,7 +123,9 @@ class SubprocessServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> SubprocessServer:
+    def start(self, ready: bool = True) -> SubprocessServer:
+        """Start it and wait until /readyz says ready (``ready=False``: until it answers, e.g.
+        an API without a worker yet)."""
         self.port = free_port()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
@@ -130,7 +133,7 @@ class SubprocessServer:
                  *self.args],
                 cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_ready(self.url)
+            wait_ready(self.url, path="/readyz" if ready else "/healthz")
         except TimeoutError:
             self.kill()
             raise TimeoutError(self.log.read_text()[-3000:]) from None

@@ -1,14 +1,274 @@
-"""Live streams in the store: claims under leases, renewals that carry the runtime figures and
-answer with the definition as it stands, fencing, versions, and the cameras file's rows."""
+"""Live streams run by workers apart from the API, with real processes on loopback: ``redact
+serve --no-worker`` keeps the definitions, ``redact worker`` processes claim the streams under
+leases (short here) and serve them on their own RTSP servers.
+
+- A worker killed (SIGKILL) while it streams loses the stream to the other worker, which serves
+  it again within the lease time + 2 s; no player ever decodes a camera frame with the face
+  showing; stopped cleanly (SIGTERM), a worker gives its streams back.
+- The API killed while a worker streams: the RTSP player keeps getting frames.
+- WHEP through the API to a worker in another process (signed, forwarded to its control
+  server), and 503 with Retry-After while no worker runs the stream.
+- The store's stream claims, renewals, fencing and versions, unit by unit.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import av
+import httpx
+import numpy as np
 import pytest
 
-from gateway.store import Store
+from gateway.store import Store, StreamRow
+from tests.api_support import ApiKeyInfo, SubprocessServer, WorkerProcess
+from tests.conftest import fill_fraction, region
+from tests.live_helpers import Camera, read_stamp
+from tests.test_live import PLAYER_OPTIONS, Player, camera_frames
+
+pytest.importorskip("gi", reason="GStreamer's Python bindings (make setup installs them)")
+
+LEASE_S = 3
+ENV = {"REDACT_LEASE_S": str(LEASE_S), "REDACT_WORKERS": "1", "REDACT_DETECTOR_THREADS": "1",
+       "REDACT_RTSP_PORT": "0"}
+STREAM = {"name": "gate", "categories": ["faces"], "method": "fill"}
+
+
+class QuickPlayer(Player):
+    """A player that starts with the first keyframe it gets: it probes only a few bytes (as
+    the gateway's own camera reader does), where FFmpeg's default probe reads about a second of
+    stream before the first frame."""
+
+    def _run(self) -> None:
+        options = {**PLAYER_OPTIONS, "probesize": "4096", "analyzeduration": "100000"}
+        try:
+            with av.open(self.url, options=options, timeout=(5.0, 5.0)) as c:
+                for fr in c.decode(video=0):
+                    self.frames.append(fr.to_ndarray(format="bgr24"))
+                    self.times.append(time.monotonic())
+                    if self._stop.is_set():
+                        return
+        except (av.FFmpegError, OSError) as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+
+
+@dataclass
+class Plane:
+    data_dir: Path
+    api: SubprocessServer
+    workers: list[WorkerProcess]
+    key: ApiKeyInfo
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.api.url, headers=self.key.headers, timeout=30)
+
+    def row(self, stream_id: str) -> StreamRow:
+        with contextlib.closing(Store(self.data_dir / "redact.db")) as db:
+            row = db.stream(stream_id)
+        assert row is not None
+        return row
+
+    def holder(self, stream_id: str) -> WorkerProcess:
+        """The worker process whose claim the stream is under (``host:pid:random/claim``)."""
+        owner = self.row(stream_id).lease_owner
+        assert owner is not None
+        pid = int(owner.split("/")[0].split(":")[-2])
+        (worker,) = [w for w in self.workers if w.pid == pid]
+        return worker
+
+    def wait_ready_workers(self, n: int, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        with contextlib.closing(Store(self.data_dir / "redact.db")) as db:
+            while len([w for w in db.live_workers(time.time() - LEASE_S) if w.ready]) < n:
+                assert time.monotonic() < deadline, [w.text()[-2000:] for w in self.workers]
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.kill()
+        self.api.kill()
+
+
+def plane(tmp_path: Path, workers: int) -> Plane:
+    data_dir = tmp_path / "data"
+    api = SubprocessServer(data_dir, env=ENV, args=("--no-worker",))
+    created = api.cli("keys", "create", "--name", "streams", "--plan", "scale")
+    key = ApiKeyInfo(created["id"], created["key"], created["webhook_secret"], "scale")
+    p = Plane(data_dir, api, [WorkerProcess(data_dir, ENV, f"w{i}").start()
+                              for i in range(workers)], key)
+    try:
+        api.start(ready=False)  # a worker may not be ready yet
+    except BaseException:
+        p.close()
+        raise
+    return p
+
+
+@pytest.fixture(scope="module")
+def camera() -> Iterator[Camera]:
+    cam = Camera().start()
+    yield cam
+    cam.stop()
+
+
+def wait_stream(c: httpx.Client, stream_id: str, until: Any, timeout_s: float = 30.0,
+                every_s: float = 0.1) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        body: dict[str, Any] = c.get(f"/v1/streams/{stream_id}").json()
+        if until(body):
+            return body
+        assert time.monotonic() < deadline, body
+        time.sleep(every_s)
+
+
+def uncovered(cam: Camera, frames: list[np.ndarray]) -> list[int]:
+    """Stamps of the camera frames whose face is not filled black."""
+    return [read_stamp(px) for px in (camera_frames(frames) if frames else [])
+            if fill_fraction(region(px, cam.face(read_stamp(px))), (0, 0, 0), tol=40) <= 0.9]
+
+
+def test_a_worker_killed_mid_stream_loses_it_to_the_other(tmp_path: Path,
+                                                          camera: Camera) -> None:
+    p = plane(tmp_path, workers=2)
+    players: list[Player] = []
+    try:
+        p.wait_ready_workers(2)
+        with p.client() as c:
+            r = c.post("/v1/streams", json={**STREAM, "source": camera.url})
+            assert r.status_code == 201, r.text
+            sid = r.json()["id"]
+            first = wait_stream(c, sid, lambda b: b["status"] == "live" and b["rtsp_url"])
+            assert first["rtsp_url"].startswith("rtsp://127.0.0.1:")
+            players.append(Player(first["rtsp_url"]))
+            players[0].wait_frames(30)
+            assert len(camera_frames(players[0].frames)) >= 20
+            killed = p.holder(sid)
+            killed.kill()
+            t_kill = time.monotonic()
+            # the stream shows as reconnecting once its worker's figures are older than a lease
+            back = wait_stream(c, sid, lambda b: b["rtsp_url"] not in (None, first["rtsp_url"]),
+                               every_s=0.05)
+            players.append(QuickPlayer(back["rtsp_url"]))
+            new = players[1]
+            deadline = time.monotonic() + 15
+            while not (new.frames and camera_frames(list(new.frames))):
+                assert time.monotonic() < deadline, new.error or "no camera frame"
+                time.sleep(0.02)
+            first_real = next(t for px, t in zip(list(new.frames), list(new.times), strict=False)
+                              if camera_frames([px]))
+            takeover_s = first_real - t_kill
+            print(f"takeover: camera frames back on a new player {takeover_s:.2f} s after "
+                  f"the kill (lease {LEASE_S} s)")
+            assert takeover_s < LEASE_S + 2
+            new.wait_frames(len(new.frames) + 30)
+            live = wait_stream(c, sid, lambda b: b["status"] == "live")
+            assert live["stats"]["frames_redacted"] > 0
+            survivor = p.holder(sid)
+            assert survivor is not killed
+            metrics = c.get("/metrics").text
+            assert 'redact_stream_status{status="live",stream="gate"} 1.0' in metrics
+            # a clean stop (SIGTERM) gives the stream back at once
+            assert survivor.stop() == 0
+            row = p.row(sid)
+            assert row.lease_owner is None and row.runtime is None
+            assert c.get(f"/v1/streams/{sid}").json()["status"] == "connecting"
+    finally:
+        for pl in players:
+            pl.stop()
+        p.close()
+    assert not uncovered(camera, players[0].frames + players[1].frames)
+    assert len(camera_frames(players[1].frames)) >= 20
+
+
+async def _offer() -> str:
+    """An aiortc viewer's offer, without its candidates: the answer is only read, nothing is
+    sent anywhere."""
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("video", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp: str = pc.localDescription.sdp
+    await pc.close()
+    return "\r\n".join(ln for ln in sdp.split("\r\n")
+                       if not ln.startswith(("a=candidate:", "a=end-of-candidates")))
+
+
+def test_the_api_forwards_whep_to_the_worker_and_its_death_stops_no_player(
+        tmp_path: Path, camera: Camera) -> None:
+    pytest.importorskip("aiortc")
+    p = plane(tmp_path, workers=0)
+    player: Player | None = None
+    offer = asyncio.run(_offer())
+    try:
+        with p.client() as c:
+            r = c.post("/v1/streams", json={**STREAM, "source": camera.url})
+            assert r.status_code == 201, r.text
+            s = r.json()
+            assert s["status"] == "connecting" and s["rtsp_url"] is None
+            token = c.post(f"/v1/streams/{s['id']}/viewer-token").json()["token"]
+            whep = f"/v1/streams/{s['id']}/whep?token={token}"
+            sdp = {"content-type": "application/sdp", "authorization": ""}
+            # no worker runs it yet
+            early = c.post(whep, content=offer, headers=sdp)
+            assert early.status_code == 503, early.text
+            assert early.headers["retry-after"] == "2"
+            assert early.json()["error"]["code"] == "stream_unavailable"
+
+            p.workers.append(WorkerProcess(p.data_dir, ENV, "solo").start())
+            live = wait_stream(c, s["id"], lambda b: b["status"] == "live" and b["rtsp_url"])
+            row = p.row(s["id"])
+            assert row.runtime is not None and row.lease_owner is not None
+            control = row.runtime["control_url"]
+            assert control.startswith("http://127.0.0.1:")
+            # the worker's control server takes signed requests only
+            assert httpx.post(f"{control}/streams/{s['id']}/whep", content=offer,
+                              timeout=10).status_code == 401
+            assert httpx.post(f"{control}/streams/{s['id']}/stop", timeout=10).status_code == 401
+
+            answered = c.post(whep, content=offer, headers=sdp)
+            assert answered.status_code == 201, answered.text
+            assert answered.headers["content-type"].startswith("application/sdp")
+            answer = answered.text
+            assert "m=video" in answer and "H264/90000" in answer
+            assert "a=candidate:" in answer and "a=setup:" in answer
+            location = answered.headers["location"]
+            assert location.startswith(f"/v1/streams/{s['id']}/whep/")
+            viewers = wait_stream(c, s["id"], lambda b: b["stats"]["viewers"] >= 1)
+            assert viewers["stats"]["viewers"] == 1
+            bad = c.post(whep, content="v=0\r\n", headers=sdp)
+            assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_offer"
+            hang = f"{location}?token={token}"
+            assert c.delete(hang, headers={"authorization": ""}).status_code == 204
+            assert c.delete(hang, headers={"authorization": ""}).status_code == 404
+
+            # the API dies; the worker goes on streaming to the player
+            player = Player(live["rtsp_url"])
+            player.wait_frames(20)
+        p.api.kill()
+        n = len(player.frames)
+        time.sleep(3.0)
+        assert not player.error
+        assert len(player.frames) - n >= 50, len(player.frames) - n  # 25 frames/s camera
+        assert len(camera_frames(player.frames[n:])) >= 50
+        row = p.row(s["id"])
+        assert row.runtime_at is not None and time.time() - row.runtime_at < 1.5
+    finally:
+        if player is not None:
+            player.stop()
+        p.close()
+    assert not uncovered(camera, player.frames)
+
+
+# ------------------------------------------------------------------------------------------
+# the store, unit by unit
 
 
 def _insert(db: Store, sid: str, name: str, now: float, owner: str | None = "key_1") -> None:

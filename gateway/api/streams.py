@@ -1,5 +1,9 @@
 """Live streams: ``/v1/streams`` (create, list, read, change, delete), viewer tokens, WHEP
-signalling for WebRTC viewers, recordings, and the viewer page."""
+signalling for WebRTC viewers, recordings, and the viewer page.
+
+Definitions and figures come from the store (:class:`gateway.stream_catalog.StreamCatalog`);
+WHEP offers and hang-ups are forwarded to the worker running the stream (503 with
+``Retry-After`` while none does)."""
 
 from __future__ import annotations
 
@@ -12,8 +16,9 @@ from engines.errors import UnknownCategoryError
 from gateway.auth import ServiceDep, current_key
 from gateway.errors import ApiError
 from gateway.jobs import iso
-from gateway.store import ApiKey
-from gateway.streams import Running, StreamError, StreamManager
+from gateway.store import ApiKey, StreamRow
+from gateway.stream_catalog import RETRY_AFTER_S, StreamCatalog, StreamUnavailable
+from gateway.streams import StreamError
 from gateway.viewer import STREAMS_PAGE, viewer_page
 from pipeline.record import NAME_RE
 from pipeline.webrtc import WebRtcError
@@ -21,12 +26,12 @@ from pipeline.webrtc import WebRtcError
 router = APIRouter(tags=["streams"])
 
 
-def get_streams(request: Request) -> StreamManager:
-    manager: StreamManager = request.app.state.streams
-    return manager
+def get_streams(request: Request) -> StreamCatalog:
+    catalog: StreamCatalog = request.app.state.streams
+    return catalog
 
 
-StreamsDep = Annotated[StreamManager, Depends(get_streams)]
+StreamsDep = Annotated[StreamCatalog, Depends(get_streams)]
 KeyDep = Annotated[ApiKey, Depends(current_key)]
 
 
@@ -40,15 +45,15 @@ def _bad(exc: Exception) -> ApiError:
     return ApiError(400, "invalid_stream", str(exc))
 
 
-def _stream(streams: StreamManager, stream_id: str, owner: str | None) -> Running:
+def _stream(streams: StreamCatalog, stream_id: str, owner: str | None) -> StreamRow:
     r = streams.get(stream_id, owner)
     if r is None:
         raise ApiError(404, "not_found", f"no stream {stream_id!r}")
     return r
 
 
-def _viewer(request: Request, service: ServiceDep, streams: StreamManager, stream_id: str,
-            token: str | None) -> Running:
+def _viewer(request: Request, service: ServiceDep, streams: StreamCatalog, stream_id: str,
+            token: str | None) -> StreamRow:
     """A viewer is let in with a valid viewer token for this stream, or an API key."""
     if token and streams.check_token(stream_id, token):
         return _stream(streams, stream_id, None)
@@ -88,7 +93,7 @@ def patch_stream(stream_id: str, request: Request, key: KeyDep, streams: Streams
                  body: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
     r = _stream(streams, stream_id, key.id)
     try:
-        streams.update(r, body)
+        r = streams.update(r, body)
     except (StreamError, ValueError) as exc:
         raise _bad(exc) from None
     return streams.describe(r, _base(request))
@@ -103,30 +108,31 @@ async def delete_stream(stream_id: str, request: Request, streams: StreamsDep,
     return Response(status_code=204)
 
 
-def _recorder(r: Running) -> Any:
-    if r.recorder is None:
+def _recorded(r: StreamRow) -> None:
+    if "record" not in r.definition.get("outputs", []):
         raise ApiError(404, "not_found", "this stream is not recorded (outputs: \"record\")")
-    return r.recorder
 
 
 @router.get("/v1/streams/{stream_id}/recordings", summary="A stream's recorded MP4 segments")
 def list_recordings(stream_id: str, request: Request, key: KeyDep,
                     streams: StreamsDep) -> dict[str, Any]:
     r = _stream(streams, stream_id, key.id)
-    rec = _recorder(r)
-    base = f"{_base(request)}/v1/streams/{r.spec.id}/recordings"
+    _recorded(r)
+    base = f"{_base(request)}/v1/streams/{r.id}/recordings"
+    _, stats, _ = streams.status(r)
     return {"data": [{"name": seg.path.name, "started_at": iso(seg.start),
                       "ended_at": iso(seg.end), "duration_s": round(seg.duration_s, 3),
                       "bytes": seg.bytes, "download_url": f"{base}/{seg.path.name}"}
-                     for seg in rec.segments()],
-            "recording": rec.stats["recording"]}
+                     for seg in streams.segments(r)],
+            "recording": bool(stats.get("recording", {}).get("recording", False))}
 
 
 @router.get("/v1/streams/{stream_id}/recordings/{name}", summary="Download one segment",
             response_class=FileResponse)
 def get_recording(stream_id: str, name: str, key: KeyDep, streams: StreamsDep) -> FileResponse:
-    rec = _recorder(_stream(streams, stream_id, key.id))
-    path = rec.directory / name
+    r = _stream(streams, stream_id, key.id)
+    _recorded(r)
+    path = streams.recording_dir(r) / name
     if not NAME_RE.match(name) or not path.is_file():
         raise ApiError(404, "not_found", f"no finished segment {name!r}")
     return FileResponse(path, media_type="video/mp4", filename=name)
@@ -136,11 +142,11 @@ def get_recording(stream_id: str, name: str, key: KeyDep, streams: StreamsDep) -
 def viewer_token(stream_id: str, request: Request, key: KeyDep, streams: StreamsDep,
                  ttl_s: Annotated[int | None, Query(ge=60, le=86400)] = None) -> dict[str, Any]:
     r = _stream(streams, stream_id, key.id)
-    token, expires = streams.viewer_token(r.spec.id, ttl_s)
+    token, expires = streams.viewer_token(r.id, ttl_s)
     base = _base(request)
     return {"token": token, "expires_at": expires,
-            "viewer_url": f"{base}/viewer/{r.spec.id}?token={token}",
-            "whep_url": f"{base}/v1/streams/{r.spec.id}/whep?token={token}"}
+            "viewer_url": f"{base}/viewer/{r.id}?token={token}",
+            "whep_url": f"{base}/v1/streams/{r.id}/whep?token={token}"}
 
 
 @router.post("/v1/streams/{stream_id}/whep", status_code=201, response_class=Response,
@@ -149,7 +155,7 @@ def viewer_token(stream_id: str, request: Request, key: KeyDep, streams: Streams
 async def whep_offer(stream_id: str, request: Request, service: ServiceDep,
                      streams: StreamsDep, token: str | None = None) -> Response:
     r = _viewer(request, service, streams, stream_id, token)
-    if "webrtc" not in r.spec.outputs:
+    if "webrtc" not in r.definition.get("outputs", []):
         raise ApiError(404, "not_found", "this stream has no WebRTC output")
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/sdp":
         raise ApiError(415, "unsupported_media_type", "send the offer as application/sdp")
@@ -157,9 +163,13 @@ async def whep_offer(stream_id: str, request: Request, service: ServiceDep,
     if len(body) > 64 * 1024:
         raise ApiError(413, "too_large", "an SDP offer is at most 64 KiB")
     try:
-        sid, answer = await r.hub.answer(body.decode("utf-8", errors="replace"))
+        sid, answer = await streams.whep_offer(r, body.decode("utf-8", errors="replace"))
     except WebRtcError as exc:
         raise ApiError(400, "bad_offer", str(exc)) from None
+    except StreamUnavailable as exc:
+        raise ApiError(503, "stream_unavailable",
+                       f"no worker runs this stream now ({exc}); try again shortly",
+                       {"Retry-After": str(RETRY_AFTER_S)}) from None
     location = f"/v1/streams/{stream_id}/whep/{sid}"
     return Response(answer, status_code=201, media_type="application/sdp",
                     headers={"Location": location, "ETag": f'"{sid}"'})
@@ -170,7 +180,7 @@ async def whep_offer(stream_id: str, request: Request, service: ServiceDep,
 async def whep_hangup(stream_id: str, session_id: str, request: Request, service: ServiceDep,
                       streams: StreamsDep, token: str | None = None) -> Response:
     r = _viewer(request, service, streams, stream_id, token)
-    if not await r.hub.hangup(session_id):
+    if not await streams.whep_hangup(r, session_id):
         raise ApiError(404, "not_found", "no such viewer session")
     return Response(status_code=204)
 
@@ -185,9 +195,9 @@ def streams_page() -> HTMLResponse:
 def viewer(stream_id: str, request: Request, service: ServiceDep, streams: StreamsDep,
            token: str | None = None) -> HTMLResponse:
     r = _viewer(request, service, streams, stream_id, token)
-    return HTMLResponse(viewer_page(r.spec.name, f"/v1/streams/{stream_id}/whep",
+    return HTMLResponse(viewer_page(r.name, f"/v1/streams/{stream_id}/whep",
                                     f"/viewer/{stream_id}/stats", token or "",
-                                    streams.settings.ice_servers))
+                                    streams.stream_settings.ice_servers))
 
 
 @router.get("/viewer/{stream_id}/stats", include_in_schema=False)
