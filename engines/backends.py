@@ -29,11 +29,12 @@ from engines.errors import RedactionError
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("cpu",)  # devices a backend is registered for in this install (see register_backend)
-# Most frames one batched run takes. On the CPU a batch of two 640x384 YuNet inputs costs about
-# what one does per frame and larger ones cost more per frame (their activations leave the
-# cache), so the default stays small; a GPU backend sets its own.
-CPU_MAX_BATCH = 2
+# Most frames one batched run takes. On the CPU batching does not pay: with ten 640x360 streams
+# sharing one service, the runs that met two frames cost more CPU per frame than two runs of
+# one (python -m benchmarks.streams --find-max: 10 streams sustained batched at 2, 11 unbatched,
+# as many as with one detector per stream), so CPU models run unbatched; a GPU backend sets its
+# own.
+CPU_MAX_BATCH = 1
 
 
 class Runs(Protocol):

@@ -4,9 +4,10 @@ Callers submit a frame's pixels with the detector to run and get a future of its
 :class:`Detections`. The service runs at most ``workers`` detections at a time on its device,
 however many streams submit (a stream per thread each calling its own model would oversubscribe
 the cores), and the models underneath are the process's shared sessions
-(:func:`engines.backends.load_model`): face models take a dynamic batch, so detections of
-several streams that reach the model together run as one batch
-(:class:`engines.backends.BatchedSession`).
+(:func:`engines.backends.load_model`): face models take a dynamic batch, so on a backend that
+batches, detections of several streams that reach the model together run as one batch
+(:class:`engines.backends.BatchedSession`; the CPU backend does not batch, see
+``CPU_MAX_BATCH``).
 
 A detector error is set on the future (the caller fails closed); nothing here retries.
 """
@@ -40,7 +41,7 @@ class DetectionService:
     """Runs detections for many callers on one device; see the module's docstring.
 
     ``workers``: detections run at the same time (default: the number of cores, at least 2, so
-    that two streams' frames can meet in one batch).
+    that two streams' frames can meet in one batch where the backend batches).
     """
 
     def __init__(self, device: str = "cpu", workers: int | None = None) -> None:

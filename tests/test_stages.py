@@ -174,9 +174,9 @@ def test_one_model_session_however_many_streams_and_jobs() -> None:
     yunet = YUNET.resolve()
     faces = [m for m in loaded_models() if m.sha256 == _sha_of_dynamic(yunet)]
     assert len(faces) == 1, [m.sha256[:8] for m in loaded_models()]
-    assert isinstance(faces[0].session, BatchedSession)
+    assert faces[0].device == "cpu"
     img = astronaut_bgr_image()
-    assert all(len(d.parts[0].detect(img)) >= 1 for d in detectors[:1])
+    assert all(len(d.parts[0].detect(img)) >= 1 for d in detectors)  # all of them work
 
 
 def _sha_of_dynamic(path: Any) -> str:
