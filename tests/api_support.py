@@ -3,6 +3,7 @@ subprocess), a real webhook receiver, and media made in code."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -377,3 +378,56 @@ def started(settings: Settings) -> Iterator[ThreadServer]:
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class Plane:
+    """``redact serve --no-worker`` and ``redact worker`` processes on one data directory."""
+
+    data_dir: Path
+    api: SubprocessServer
+    workers: list[WorkerProcess]
+    key: ApiKeyInfo
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "redact.db"
+
+    def worker_of(self, owner: str | None) -> WorkerProcess:
+        """The worker process a claim's owner (``host:pid:random/claim``) names."""
+        assert owner is not None
+        pid = int(owner.split("/")[0].split(":")[-2])
+        (worker,) = [w for w in self.workers if w.pid == pid]
+        return worker
+
+    def wait_ready_workers(self, n: int, lease_s: float, timeout_s: float = 60.0) -> None:
+        """Until ``n`` workers' heartbeats say their models are loaded."""
+        from gateway.store import Store
+
+        deadline = time.monotonic() + timeout_s
+        with contextlib.closing(Store(self.db_path)) as db:
+            while len([w for w in db.live_workers(time.time() - lease_s) if w.ready]) < n:
+                assert time.monotonic() < deadline, [w.text()[-2000:] for w in self.workers]
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.kill()
+        self.api.kill()
+
+
+def start_plane[P: Plane](cls: type[P], data_dir: Path, env: dict[str, str], workers: int,
+                wait_api_ready: bool = True) -> P:
+    """An API without a worker, with a key on the scale plan, and ``workers`` worker processes
+    (``wait_api_ready``: until ``/readyz`` answers 200, i.e. a worker's models are loaded)."""
+    api = SubprocessServer(data_dir, env=env, args=("--no-worker",))
+    created = api.cli("keys", "create", "--name", "plane", "--plan", "scale")
+    key = ApiKeyInfo(created["id"], created["key"], created["webhook_secret"], "scale")
+    plane = cls(data_dir, api, [WorkerProcess(data_dir, env, f"w{i}").start()
+                                for i in range(workers)], key)
+    try:
+        api.start(ready=wait_api_ready)
+    except BaseException:
+        plane.close()
+        raise
+    return plane

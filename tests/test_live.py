@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import av
 import numpy as np
@@ -50,6 +51,7 @@ class Player:
 
     url: str
     frames: list[np.ndarray] = field(default_factory=list)
+    options: ClassVar[dict[str, str]] = PLAYER_OPTIONS
     times: list[float] = field(default_factory=list)
     error: str = ""
 
@@ -60,7 +62,7 @@ class Player:
 
     def _run(self) -> None:
         try:
-            with av.open(self.url, options=PLAYER_OPTIONS, timeout=(5.0, 5.0)) as c:
+            with av.open(self.url, options=self.options, timeout=(5.0, 5.0)) as c:
                 for fr in c.decode(video=0):
                     self.frames.append(fr.to_ndarray(format="bgr24"))
                     self.times.append(time.monotonic())

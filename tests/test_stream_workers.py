@@ -17,17 +17,15 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import av
 import httpx
 import numpy as np
 import pytest
 
 from gateway.store import Store, StreamRow
-from tests.api_support import ApiKeyInfo, SubprocessServer, WorkerProcess
+from tests.api_support import Plane, WorkerProcess, start_plane
 from tests.conftest import fill_fraction, region
 from tests.live_helpers import Camera, read_stamp
 from tests.test_live import PLAYER_OPTIONS, Player, camera_frames
@@ -45,69 +43,30 @@ class QuickPlayer(Player):
     the gateway's own camera reader does), where FFmpeg's default probe reads about a second of
     stream before the first frame."""
 
-    def _run(self) -> None:
-        options = {**PLAYER_OPTIONS, "probesize": "4096", "analyzeduration": "100000"}
-        try:
-            with av.open(self.url, options=options, timeout=(5.0, 5.0)) as c:
-                for fr in c.decode(video=0):
-                    self.frames.append(fr.to_ndarray(format="bgr24"))
-                    self.times.append(time.monotonic())
-                    if self._stop.is_set():
-                        return
-        except (av.FFmpegError, OSError) as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
+    options: ClassVar[dict[str, str]] = {**PLAYER_OPTIONS, "probesize": "4096",
+                                         "analyzeduration": "100000"}
 
 
-@dataclass
-class Plane:
-    data_dir: Path
-    api: SubprocessServer
-    workers: list[WorkerProcess]
-    key: ApiKeyInfo
+class StreamPlane(Plane):
+    """An API without a worker and worker processes on one data directory, for streams."""
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.api.url, headers=self.key.headers, timeout=30)
 
     def row(self, stream_id: str) -> StreamRow:
-        with contextlib.closing(Store(self.data_dir / "redact.db")) as db:
+        with contextlib.closing(Store(self.db_path)) as db:
             row = db.stream(stream_id)
         assert row is not None
         return row
 
     def holder(self, stream_id: str) -> WorkerProcess:
-        """The worker process whose claim the stream is under (``host:pid:random/claim``)."""
-        owner = self.row(stream_id).lease_owner
-        assert owner is not None
-        pid = int(owner.split("/")[0].split(":")[-2])
-        (worker,) = [w for w in self.workers if w.pid == pid]
-        return worker
-
-    def wait_ready_workers(self, n: int, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        with contextlib.closing(Store(self.data_dir / "redact.db")) as db:
-            while len([w for w in db.live_workers(time.time() - LEASE_S) if w.ready]) < n:
-                assert time.monotonic() < deadline, [w.text()[-2000:] for w in self.workers]
-                time.sleep(0.05)
-
-    def close(self) -> None:
-        for w in self.workers:
-            w.kill()
-        self.api.kill()
+        """The worker process whose claim the stream is under."""
+        return self.worker_of(self.row(stream_id).lease_owner)
 
 
-def plane(tmp_path: Path, workers: int) -> Plane:
-    data_dir = tmp_path / "data"
-    api = SubprocessServer(data_dir, env=ENV, args=("--no-worker",))
-    created = api.cli("keys", "create", "--name", "streams", "--plan", "scale")
-    key = ApiKeyInfo(created["id"], created["key"], created["webhook_secret"], "scale")
-    p = Plane(data_dir, api, [WorkerProcess(data_dir, ENV, f"w{i}").start()
-                              for i in range(workers)], key)
-    try:
-        api.start(ready=False)  # a worker may not be ready yet
-    except BaseException:
-        p.close()
-        raise
-    return p
+def plane(tmp_path: Path, workers: int) -> StreamPlane:
+    return start_plane(StreamPlane, tmp_path / "data", ENV, workers,
+                       wait_api_ready=False)  # a worker may not be ready yet
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +98,7 @@ def test_a_worker_killed_mid_stream_loses_it_to_the_other(tmp_path: Path,
     p = plane(tmp_path, workers=2)
     players: list[Player] = []
     try:
-        p.wait_ready_workers(2)
+        p.wait_ready_workers(2, LEASE_S)
         with p.client() as c:
             r = c.post("/v1/streams", json={**STREAM, "source": camera.url})
             assert r.status_code == 201, r.text

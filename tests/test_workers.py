@@ -17,7 +17,6 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -27,12 +26,12 @@ from gateway.limits import RateLimiter
 from gateway.store import Job, Store
 from tests.api_support import (
     TERMINAL,
-    ApiKeyInfo,
+    Plane,
     Received,
     Receiver,
-    SubprocessServer,
     WorkerProcess,
     jpeg_bytes,
+    start_plane,
     verify_signature,
     wait_job,
 )
@@ -45,18 +44,8 @@ ENV = {"REDACT_LEASE_S": str(LEASE_S), "REDACT_WORKERS": "1", "REDACT_DETECTOR_T
 VIDEO_FRAMES = 400  # 640x480: a few seconds of work for one worker on two cores
 
 
-@dataclass
-class Plane:
-    """An API without a worker and two worker processes on one data directory."""
-
-    data_dir: Path
-    api: SubprocessServer
-    workers: list[WorkerProcess]
-    key: ApiKeyInfo
-
-    @property
-    def db_path(self) -> Path:
-        return self.data_dir / "redact.db"
+class JobPlane(Plane):
+    """An API without a worker and two worker processes on one data directory, for jobs."""
 
     def job(self, job_id: str) -> Job:
         with contextlib.closing(Store(self.db_path)) as db:
@@ -65,11 +54,9 @@ class Plane:
         return job
 
     def holder(self, job: Job) -> WorkerProcess:
-        """The worker process whose claim ``job`` is under (owner ``host:pid:random/claim``)."""
+        """The worker process whose claim ``job`` is under."""
         assert job.lease_owner is not None, job
-        pid = int(job.lease_owner.split("/")[0].split(":")[-2])
-        (worker,) = [w for w in self.workers if w.pid == pid]
-        return worker
+        return self.worker_of(job.lease_owner)
 
     def other(self, worker: WorkerProcess) -> WorkerProcess:
         (other,) = [w for w in self.workers if w is not worker]
@@ -88,24 +75,14 @@ class Plane:
 
 
 @pytest.fixture
-def plane(tmp_path: Path) -> Iterator[Plane]:
-    data_dir = tmp_path / "data"
-    api = SubprocessServer(data_dir, env=ENV, args=("--no-worker",))
-    created = api.cli("keys", "create", "--name", "workers", "--plan", "scale")
-    key = ApiKeyInfo(created["id"], created["key"], created["webhook_secret"], "scale")
-    workers = [WorkerProcess(data_dir, ENV, name).start() for name in ("a", "b")]
+def plane(tmp_path: Path) -> Iterator[JobPlane]:
+    # /readyz answers 200 once a worker's heartbeat says its models are loaded
+    p = start_plane(JobPlane, tmp_path / "data", ENV, workers=2)
     try:
-        api.start()  # /readyz answers 200 once a worker's heartbeat says its models are loaded
-        deadline = time.monotonic() + 30
-        with contextlib.closing(Store(data_dir / "redact.db")) as db:
-            while len([w for w in db.live_workers(time.time() - LEASE_S) if w.ready]) < 2:
-                assert time.monotonic() < deadline, [w.text()[-2000:] for w in workers]
-                time.sleep(0.05)
-        yield Plane(data_dir, api, workers, key)
+        p.wait_ready_workers(2, LEASE_S, timeout_s=30)
+        yield p
     finally:
-        for w in workers:
-            w.kill()
-        api.kill()
+        p.close()
 
 
 @pytest.fixture
@@ -121,7 +98,7 @@ def long_clip(tmp: Path) -> bytes:
     return path.read_bytes()
 
 
-def wait_mid_job(plane: Plane, job_id: str, min_progress: float = 0.1,
+def wait_mid_job(plane: JobPlane, job_id: str, min_progress: float = 0.1,
                  timeout_s: float = 30.0) -> Job:
     """The job once a worker has redacted part of it."""
     deadline = time.monotonic() + timeout_s
@@ -177,7 +154,7 @@ def only_hook(receiver: Receiver, job_id: str, secret: str) -> Received:
 
 
 def test_a_worker_killed_mid_video_loses_it_to_the_other(
-        plane: Plane, receiver: Receiver, tmp_path: Path) -> None:
+        plane: JobPlane, receiver: Receiver, tmp_path: Path) -> None:
     job_id = plane.post(long_clip(tmp_path), "long.mp4", receiver.url)
     killed = plane.holder(wait_mid_job(plane, job_id))
     other = plane.other(killed)
@@ -197,7 +174,7 @@ def test_a_worker_killed_mid_video_loses_it_to_the_other(
     assert plane.files_of(job_id) == ["manifest.json", "output.mp4"], "partial output left"
 
 
-def test_two_workers_send_each_webhook_attempt_once(plane: Plane, receiver: Receiver) -> None:
+def test_two_workers_send_each_webhook_attempt_once(plane: JobPlane, receiver: Receiver) -> None:
     def first_attempt_fails(got: Received, earlier: list[Received]) -> int:
         event = got.headers["x-redact-event-id"]
         return 500 if all(e.headers["x-redact-event-id"] != event for e in earlier) else 200
@@ -231,7 +208,7 @@ def test_two_workers_send_each_webhook_attempt_once(plane: Plane, receiver: Rece
 
 
 def test_a_worker_paused_past_its_lease_has_its_late_result_refused(
-        plane: Plane, receiver: Receiver, tmp_path: Path) -> None:
+        plane: JobPlane, receiver: Receiver, tmp_path: Path) -> None:
     job_id = plane.post(long_clip(tmp_path), "long.mp4", receiver.url)
     paused = plane.holder(wait_mid_job(plane, job_id))
     pause(paused, plane.db_path)
