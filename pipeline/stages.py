@@ -329,11 +329,10 @@ class RedactStage:
         """Take one decoded frame; return the frames that are now final and redacted."""
         self.frames_in += 1
         self.track.hold(frame)
-        found = dict((lane.name, dets) for lane, dets in
-                     self.detect(frame, self.schedule.due(frame)))
-        for lane in self.lanes:
-            if lane.name in found:
-                self.track.observe(frame, lane, found[lane.name])
+        found = {id(lane): dets for lane, dets in self.detect(frame, self.schedule.due(frame))}
+        for lane in self.lanes:  # lanes in their order (two may carry the same name)
+            if id(lane) in found:
+                self.track.observe(frame, lane, found[id(lane)])
             self.track.predict(frame, lane)
         return [self.redact(f) for f in self.track.ready()]
 

@@ -289,3 +289,29 @@ def test_a_wait_bound_lets_a_later_caller_join_the_batch() -> None:
     t0 = time.monotonic()
     call(3)  # alone: runs once the bound has passed
     assert inner.batches == [2, 1] and 0.4 < time.monotonic() - t0 < 2
+
+
+def test_two_detectors_serving_the_same_category_each_get_their_own_boxes() -> None:
+    from engines.registry import CompositeDetector
+
+    class Colour(Square):
+        def __init__(self, bgr: tuple[int, int, int]) -> None:
+            super().__init__()
+            self.bgr = bgr
+
+        def detect(self, image: np.ndarray) -> Detections:
+            ys, xs = np.nonzero((image == self.bgr).all(-1))
+            if not len(ys):
+                return Detections.empty()
+            return Detections.from_boxes([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]],
+                                         [0.9], "faces")
+
+    px = np.full((96, 128, 3), 90, np.uint8)
+    px[10:30, 10:30] = (0, 255, 0)
+    px[60:80, 90:110] = (255, 255, 0)
+    both = CompositeDetector([Colour((0, 255, 0)), Colour((255, 255, 0))])  # both lanes "faces"
+    stage = RedactStage(both, Style(Method.FILL, Shape.BOX, 1.0, (255, 0, 255)), period=1,
+                        lookahead=0, submit=direct)
+    (out,) = stage.push(Frame(0, px))
+    assert (out.pixels[10:30, 10:30] == (255, 0, 255)).all()
+    assert (out.pixels[60:80, 90:110] == (255, 0, 255)).all()
