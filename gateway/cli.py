@@ -130,7 +130,10 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="TOML file of cameras started with the service: [[stream]] tables "
                         "with name, source (an rtsp:// URL or \"push\"), categories, method, "
-                        "zones, outputs (rtsp, webrtc, record)")
+                        "settings (per-category tables: threshold, scale, period, method, "
+                        "mask_scale, shape), config (a settings file, as `redact file "
+                        "--config`, whose [[model]] detectors the camera may use), zones, "
+                        "outputs (rtsp, webrtc, record)")
     _data_dir_option(p)
     p.set_defaults(func=run_serve)
 
