@@ -110,10 +110,6 @@ def register_backend(name: str, factory: Callable[[], Backend], device: str) -> 
     _BY_DEVICE[device] = name
 
 
-def backend_names() -> tuple[str, ...]:
-    return tuple(_BACKENDS)
-
-
 def resolve_device(device: str) -> str:
     """``cpu``, or a device a backend is registered for; ``auto`` picks the best one here."""
     d = device.strip().lower()

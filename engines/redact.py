@@ -18,7 +18,7 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-from engines.arrays import device_of, kernels_for, register_kernels
+from engines.arrays import kernels_for, register_kernels
 from engines.detections import Detections, Origin
 
 # A blurred face keeps about this many independent samples across its short side: few enough
@@ -224,8 +224,6 @@ def redact_detections(image: np.ndarray, dets: Detections, style: Style) -> np.n
     """Cover every box of ``dets`` in place, each category in its own style (see
     :meth:`Style.for_category`); tracked boxes count as uncertain. Returns the rectangles
     covered, (n, 4) int frame pixels."""
-    if device_of(image) == "cpu":
-        return _cpu_redact_detections(image, dets, style)
     return kernels_for(image).redact_detections(image, dets, style)
 
 
