@@ -1,10 +1,11 @@
 """Where a frame's pixels live, and the kernels that work on them there.
 
-A frame's pixels are a CPU array (numpy, H x W x 3 uint8 BGR) or, with a GPU backend, a device
-array that exposes ``__cuda_array_interface__`` (CuPy, torch, numba). Redaction kernels, the
-scene-change thumbnail and the encoder hand-off ask :func:`device_of` and dispatch: the CPU
-kernels live in :mod:`engines.redact`; a GPU module registers its own with
-:func:`register_kernels` when it is imported (lazily, only when that device is chosen).
+A frame's pixels are a CPU array (numpy, H x W x 3 uint8 BGR) or, on the ``cuda`` device, a
+frame in GPU memory (:class:`engines.cuda_kernels.DeviceImage`: the decoder's NV12 planes, or
+BGR; anything with ``device_kind``, or an array exposing ``__cuda_array_interface__``).
+Redaction kernels, the scene-change thumbnail and the encoder hand-off ask :func:`device_of`
+and dispatch: the CPU kernels live in :mod:`engines.redact`; the CUDA ones register themselves
+with :func:`register_kernels` when imported (lazily, only when that device is chosen).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from engines.errors import RedactionError
 
 
 def device_of(pixels: Any) -> str:
-    """``"cuda"`` for an array in GPU memory, ``"cpu"`` for a numpy array."""
+    """``"cuda"`` for a frame or array in GPU memory, ``"cpu"`` for a numpy array."""
+    kind = getattr(pixels, "device_kind", None)
+    if isinstance(kind, str):
+        return kind
     return "cuda" if hasattr(pixels, "__cuda_array_interface__") else "cpu"
 
 
@@ -25,6 +29,9 @@ def to_host(pixels: Any) -> np.ndarray:
     """The pixels as a numpy array (copied from the device when they are elsewhere)."""
     if isinstance(pixels, np.ndarray):
         return pixels
+    to_bgr = getattr(pixels, "to_bgr", None)  # a frame in GPU memory (engines.cuda_kernels)
+    if callable(to_bgr):
+        return np.asarray(to_bgr())
     get = getattr(pixels, "get", None)  # CuPy
     if callable(get):
         return np.asarray(get())

@@ -1,9 +1,9 @@
 """Inference backends, found by name, and the one cache of loaded models.
 
 A *backend* turns ONNX model bytes into a session on a device. Backends are registered by name
-(:func:`register_backend`); today there is one, ``onnxruntime`` on the CPU. A GPU backend
-(TensorRT, torch/CUDA) registers itself the same way and every detector picks it up through
-:func:`load_model` without a change to the pipeline.
+(:func:`register_backend`): ``onnxruntime`` on the CPU here; the GPU backends (TensorRT,
+torch/CUDA) are registered by :func:`engines.gpu.enable_cuda` when the ``cuda`` device is chosen,
+and every detector picks them up through :func:`load_model` without a change to the pipeline.
 
 :func:`load_model` is the only place a model is loaded: one session per (model bytes, backend,
 threads) in the process, however many detectors, file jobs and live streams use it (the
@@ -62,6 +62,9 @@ class Backend(Protocol):
     @property
     def max_batch(self) -> int: ...  # most frames one batched run takes on this backend
 
+    @property
+    def max_wait_s(self) -> float: ...  # how long a batch may wait for company
+
     def load(self, model_bytes: bytes, threads: int) -> Session: ...
 
 
@@ -79,6 +82,7 @@ class OnnxRuntimeCpu:
     name: str = "onnxruntime"
     device: str = "cpu"
     max_batch: int = CPU_MAX_BATCH
+    max_wait_s: float = 0.0
 
     def load(self, model_bytes: bytes, threads: int) -> Session:
         """A session with ``threads`` intra-op threads (0 lets onnxruntime choose)."""
@@ -111,10 +115,15 @@ def register_backend(name: str, factory: Callable[[], Backend], device: str) -> 
 
 
 def resolve_device(device: str) -> str:
-    """``cpu``, or a device a backend is registered for; ``auto`` picks the best one here."""
-    d = device.strip().lower()
-    if d == "auto":
-        return next((x for x in _BY_DEVICE if x != "cpu"), "cpu")
+    """``cpu`` or ``cuda``: where models on ``device`` run (``auto``: a GPU when one is usable
+    here, see :func:`engines.gpu.select_device`); BackendError for a device unknown or not
+    usable here."""
+    from engines.gpu import DeviceError, select_device
+
+    try:
+        d = select_device(device)
+    except DeviceError as exc:
+        raise BackendError(str(exc)) from None
     if d not in _BY_DEVICE:
         raise BackendError(f"no detector backend for device {device!r} in this install; "
                            f"available: {', '.join(['auto', *_BY_DEVICE])}")
@@ -295,7 +304,7 @@ def load_model(model_bytes: bytes, *, device: str = "cpu", threads: int = 0,
             return found.session
         session = be.load(model_bytes, threads)
         if batch and be.max_batch > 1:
-            session = BatchedSession(session, be.max_batch)
+            session = BatchedSession(session, be.max_batch, be.max_wait_s)
         _MODELS[key] = LoadedModel(sha, be.name, be.device, int(threads), session)
         log.debug("model %s loaded on %s (%s)", sha[:12], be.device, be.name)
         return session

@@ -255,6 +255,7 @@ def status_json(job: Job, public_url: str | None = None) -> dict[str, Any]:
         "id": job.id, "object": "media", "status": job.status, "kind": job.kind,
         "filename": job.filename, "categories": job.categories,
         "method": job.options.get("method"), "methods": job.options.get("methods") or {},
+        "device": job.options.get("device") or "auto",
         "progress": round(job.progress, 4),
         "detections": result.get("counts") if job.status == "completed" else None,
         "distinct_objects": result.get("distinct_objects"),
@@ -266,7 +267,7 @@ def status_json(job: Job, public_url: str | None = None) -> dict[str, Any]:
         "created_at": iso(job.created_at), "started_at": iso(job.started_at),
         "completed_at": iso(job.completed_at), "expires_at": iso(job.expires_at),
     }
-    for k in ("width", "height", "frames", "duration_s", "fps"):
+    for k in ("width", "height", "frames", "duration_s", "fps", "runtime"):
         out[k] = result.get(k)
     return out
 
@@ -276,7 +277,8 @@ def redact_settings(categories: list[str], options: dict[str, Any],
     """The pipeline settings of a job's choices (raises ValueError/UnknownCategoryError),
     through the same route as a live stream's (:func:`pipeline.settings.settings_from_choices`)."""
     return settings_from_choices(categories, method=options.get("method"),
-                                 methods=options.get("methods"), threads=detector_threads)
+                                 methods=options.get("methods"), threads=detector_threads,
+                                 device=options.get("device"))
 
 
 class RedactorCache:
@@ -499,7 +501,8 @@ class WorkerPool:
             wall = time.perf_counter() - t0
             result: dict[str, Any] = {"counts": entry.get("counts", {}),
                                       "seconds": round(wall, 3)}
-            for k in ("distinct_objects", "width", "height", "frames", "duration_s", "fps"):
+            for k in ("distinct_objects", "width", "height", "frames", "duration_s", "fps",
+                      "runtime"):
                 if k in entry:
                     result[k] = entry[k]
             now = time.time()

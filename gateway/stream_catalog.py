@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CHANGEABLE = ("categories", "method", "zones", "settings")
+CHANGEABLE = ("categories", "method", "zones", "settings", "device")
 FORWARD_TIMEOUT_S = 15.0
 RETRY_AFTER_S = 2
 
@@ -137,10 +137,10 @@ class StreamCatalog:
             old = StreamDef.stored(row.id, row.owner, row.created_at, row.definition)
             merged = {"name": old.name, "source": old.source, "categories": old.categories,
                       "method": old.method, "zones": old.zones, "settings": old.settings,
-                      "config": old.config, **data}
+                      "config": old.config, "device": old.device, **data}
             new = StreamDef.parse(merged, owner=None)  # validates every choice
-            old.categories, old.method, old.zones, old.settings = (
-                new.categories, new.method, new.zones, new.settings)
+            old.categories, old.method, old.zones, old.settings, old.device = (
+                new.categories, new.method, new.zones, new.settings, new.device)
             got = self.db.update_stream(row.id, old.definition(), time.time(), row.version)
             if got is not None:
                 return got

@@ -296,7 +296,7 @@ class StreamRunner:
         """A new version of the definition."""
         spec = StreamDef.stored(row.id, row.owner, row.created_at, row.definition)
         old = h.spec
-        fixed = ("source", "outputs", "record", "config", "name")
+        fixed = ("source", "outputs", "record", "config", "name", "device")
         if h.running is None or any(getattr(spec, k) != getattr(old, k) for k in fixed):
             # started again with the new definition, under the same claim
             self._drop(row.id, f"version {row.version} changes how it runs", release=False)

@@ -46,6 +46,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engines.errors import UnknownCategoryError
+from engines.gpu import parse_device
 from engines.redact import Method
 from pipeline.live import LiveOptions, LiveStream, scrub_url
 from pipeline.push import PushFeed
@@ -103,9 +104,10 @@ class StreamDef:
     record: dict[str, float] = field(default_factory=dict)  # per-stream recording settings
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # per category
     config: str | None = None  # a settings file (absolute path; cameras file only)
+    device: str | None = None  # auto | cpu | cuda (None: REDACT_DEVICE, else auto)
 
     FIELDS = ("name", "source", "categories", "method", "zones", "outputs", "settings",
-              "config")
+              "config", "device")
     STORED = (*FIELDS, "record")  # what the store keeps as the definition
 
     def definition(self) -> dict[str, Any]:
@@ -148,11 +150,17 @@ class StreamDef:
             raise StreamError("settings: an object of category -> {setting: value}, e.g. "
                               "{\"faces\": {\"threshold\": 0.2}}")
         cats = data.get("categories")
+        device = None
+        if data.get("device") is not None:
+            try:
+                device = parse_device(str(data["device"]))
+            except ValueError as exc:
+                raise StreamError(f"device: {exc}") from None
         spec = cls(name, source, list(cats) if isinstance(cats, list) else [],
                    Method.parse(str(data.get("method") or "blur")).value,
                    parse_zones(data.get("zones") or []), owner=owner,
                    settings={str(k): dict(v) if isinstance(v, dict) else v
-                             for k, v in settings.items()}, config=config)
+                             for k, v in settings.items()}, config=config, device=device)
         spec.outputs, spec.record = parse_outputs(data.get("outputs"))
         spec.categories = list(spec.redact_settings().categories)  # validates the choices
         return spec
@@ -163,7 +171,7 @@ class StreamDef:
             cfg = load_config(Path(self.config)) if self.config else FileConfig()
             return settings_from_choices(self.categories, method=self.method,
                                          settings=self.settings, config=cfg, zones=self.zones,
-                                         threads=detector_threads)
+                                         threads=detector_threads, device=self.device)
         except UnknownCategoryError:
             raise  # answered with the categories available
         except ValueError as exc:
@@ -508,6 +516,7 @@ def describe_definition(spec: StreamDef, base_url: str) -> dict[str, Any]:
         "id": spec.id, "name": spec.name, "status": "connecting",
         "source": scrub_url(spec.source), "categories": spec.categories,
         "method": spec.method, "settings": spec.settings, "zones": spec.zones,
+        "device": spec.device or "auto",
         "outputs": spec.outputs, "rtsp_url": None, "publish_url": None,
         "whep_url": f"{base_url}/v1/streams/{spec.id}/whep"
         if "webrtc" in spec.outputs else None,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.errors import RedactionError, UnknownCategoryError
+from engines.gpu import DEVICES, env_device_default
 from engines.redact import Method, Shape, Style
 from engines.registry import IMAGE_PROFILE, VIDEO_PROFILE, available_categories
 from pipeline.files import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Redactor, RedactSettings, manifest
@@ -126,6 +127,12 @@ def add_file_parser(sub: Any) -> None:
                    help="write the audit manifest (every box, counts, models, settings) here")
     p.add_argument("--threads", type=int, default=0,
                    help="detector threads (default: 0 = all cores)")
+    p.add_argument("--device", default=None, choices=list(DEVICES),
+                   help="where decoding, detection, redaction and encoding run: cuda (an "
+                        "NVIDIA GPU: NVDEC, GPU detector, CUDA kernels, NVENC where the card "
+                        "has it; needs the [gpu] extra), cpu, or auto: cuda when a usable GPU "
+                        "is here, else cpu (default: $REDACT_DEVICE or auto); the manifest's "
+                        "runtime says what ran")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=run_file)
 
@@ -154,7 +161,8 @@ def settings_from_args(args: argparse.Namespace) -> RedactSettings:
         video=VideoOptions(period=args.detect_every, lookahead=max(0, args.lookahead)),
         keep_metadata=args.keep_metadata,
         per_category=apply_sets(file_cfg.per_category, args.sets),
-        custom_models=tuple(file_cfg.custom_models))
+        custom_models=tuple(file_cfg.custom_models),
+        device=args.device or env_device_default())
 
 
 def plan_outputs(inputs: list[Path], output: Path) -> Iterator[tuple[Path, Path]]:
@@ -177,6 +185,7 @@ def plan_outputs(inputs: list[Path], output: Path) -> Iterator[tuple[Path, Path]
 def run_file(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
+        settings.run_device()  # cuda asked for on a machine that cannot: say so now
     except UnknownCategoryError as exc:
         print(f"redact: {exc}", file=sys.stderr)
         return 2
@@ -221,6 +230,7 @@ def run_file(args: argparse.Namespace) -> int:
             extra = (f", {entry['frames']} frames at {entry['fps']} frames/s, "
                      f"{entry['detector_calls_per_frame']} detector calls/frame"
                      if entry["kind"] == "video" else "")
+            extra += f" (on {entry['runtime']['device']})"
             print(f"{src} -> {dst}: covered {counts}{extra}", file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from typing import Any
 import av
 
 from engines.errors import MediaError
+from engines.gpu import describe
 from engines.registry import CategorySettings, CompositeDetector, category
 from pipeline.image import probe_image_format, redact_image
 from pipeline.settings import RedactSettings
@@ -58,12 +59,18 @@ class Redactor:
         """Redact ``src`` into ``dst`` and return its audit manifest entry."""
         kind = probe_kind(src)
         det = self.detector(kind)
+        device = self.settings.run_device()
         entry: dict[str, Any] = {"input": src.name, "output": dst.name, "kind": kind,
                                  "models": [dataclasses.asdict(m) for m in det.models]}
         if kind == "image":
             r = redact_image(src, dst, det, self.settings.style, self.settings.keep_metadata,
                              self.settings.zones)
+            # photos are decoded and redacted on the CPU (Pillow in bands); their detector
+            # runs on the device
+            runtime = describe(device)
+            runtime.update(decode="cpu (Pillow)", kernels="cpu (OpenCV)", encoder="Pillow")
             entry.update(width=r.width, height=r.height, format=r.format.lower(),
+                         runtime=runtime,
                          counts=r.detections.counts(), seconds=round(r.wall_s, 3),
                          boxes=r.detections.to_records())
             if progress:
@@ -72,14 +79,15 @@ class Redactor:
             v = redact_video(src, dst, det, self.settings.style,
                              dataclasses.replace(self.settings.video,
                                                  keep_metadata=self.settings.keep_metadata),
-                             progress=progress, zones=self.settings.zones)
+                             progress=progress, zones=self.settings.zones, device=device)
             entry.update(frames=v.frames, duration_s=round(v.duration_s, 3),
                          counts=v.counts, distinct_objects=v.distinct_tracks,
                          detector_calls=v.detector_calls,
                          detector_calls_per_frame=round(v.detector_calls_per_frame, 3),
                          detector_calls_by=v.detector_calls_by,
                          audio_packets=v.audio_packets, seconds=round(v.wall_s, 3),
-                         fps=round(v.fps, 2), frames_detail=v.frames_detail)
+                         fps=round(v.fps, 2), runtime=v.runtime,
+                         frames_detail=v.frames_detail)
         return entry
 
 

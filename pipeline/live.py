@@ -39,9 +39,11 @@ import cv2
 import numpy as np
 
 from engines.errors import DetectorError
+from engines.gpu import describe
 from engines.redact import cover_all, thumbnail
 from engines.registry import Detector
 from pipeline.frame import Frame
+from pipeline.hw import frame_pixels, open_input
 from pipeline.live_encode import EncodedPacket, LiveEncoder, PacketSink
 from pipeline.push import PushFeed
 from pipeline.settings import RedactSettings
@@ -109,6 +111,8 @@ class StreamStats:
     detector_calls: int = 0
     reconnects: int = 0
     last_error: str = ""
+    # what runs: device, decode, detector backend, kernels, encoder (engines.gpu.describe)
+    runtime: dict[str, str] = field(default_factory=dict)
     latency_ms: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=600))
     in_times: collections.deque[float] = field(
@@ -130,7 +134,8 @@ class StreamStats:
                 "placeholders": self.placeholders,
                 "detector_calls_per_frame": round(self.detector_calls / self.frames_redacted, 3)
                 if self.frames_redacted else 0.0,
-                "reconnects": self.reconnects, "last_error": self.last_error}
+                "reconnects": self.reconnects, "last_error": self.last_error,
+                "runtime": dict(self.runtime)}
 
 
 def _rate(times: collections.deque[float]) -> float:
@@ -177,6 +182,8 @@ class LiveStream:
         self.encoder: LiveEncoder | None = None
         self._t0 = time.monotonic()
         self._index = 0
+        # where frames are decoded and redacted (DeviceError here when cuda cannot run)
+        self._device = settings.run_device()
 
     # control ------------------------------------------------------------------------------
     @property
@@ -270,8 +277,10 @@ class LiveStream:
                 "analyzeduration": "0"}
         if self.source.startswith(("rtsp://", "rtsps://")):
             opts.update(rtsp_transport="tcp", timeout=str(int(o.read_timeout_s * 1e6)))
-        with av.open(self.source, options=opts,
-                     timeout=(o.open_timeout_s, o.read_timeout_s)) as container:
+        container, decode = open_input(self.source, self._device, options=opts,
+                                       timeout=(o.open_timeout_s, o.read_timeout_s))
+        self.stats.runtime["decode"] = decode
+        with container:
             stream = container.streams.video[0]
             stream.thread_type = "SLICE"  # frame threads would hold frames back (latency)
             if self._fps is None:
@@ -316,7 +325,11 @@ class LiveStream:
 
     def _take(self, vf: av.VideoFrame, freeze: _FreezeWatch, arrived: float) -> None:
         """One decoded camera frame to the redaction thread."""
-        pixels = vf.to_ndarray(format="bgr24")
+        if self._device == "cpu":
+            pixels = vf.to_ndarray(format="bgr24")
+        else:
+            pixels = frame_pixels(vf, self._device, vf.width - vf.width % 2,
+                                  vf.height - vf.height % 2)
         if self._size is None:
             h, w = pixels.shape[:2]
             self._size = (w, h)
@@ -346,7 +359,11 @@ class LiveStream:
     # redaction ----------------------------------------------------------------------------
     def _new_stage(self) -> RedactStage:
         s = self.settings
+        self._device = s.run_device()
         self._detector = self._factory() if self._factory else s.detector("video")
+        self.stats.runtime.update(describe(self._device), encoder="libx264")
+        if self.feed is not None:
+            self.stats.runtime["decode"] = "cpu"
         return RedactStage(self._detector, s.style, self.options.period,
                            self.options.delay_frames, cover_slow_periods=False,
                            submit=direct if self.options.detection == "direct" else None,

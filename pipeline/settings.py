@@ -34,6 +34,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engines.gpu import env_device_default, parse_device, select_device
 from engines.redact import Method, Style
 from engines.registry import (
     IMAGE_PROFILE,
@@ -63,8 +64,12 @@ class RedactSettings:
     video: VideoOptions = field(default_factory=VideoOptions)
     keep_metadata: bool = False
     zones: tuple[Zone, ...] = ()  # polygons always covered, whatever the detectors find
+    # where models, kernels, decode and encode run: "auto" (a GPU when one is usable here),
+    # "cpu" or "cuda" (engines.gpu)
+    device: str = "auto"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "device", parse_device(self.device))
         served = [c for m in self.custom_models for c in m.classes.values()]
         object.__setattr__(self, "categories", resolve_categories(self.categories, served))
         per: dict[str, CategorySettings] = {}
@@ -95,7 +100,13 @@ class RedactSettings:
         object.__setattr__(self, "style", dataclasses.replace(self.style, overrides=overrides))
 
     def detector_config(self, kind: str) -> DetectorConfig:
-        return self.image_detector if kind == "image" else self.video_detector
+        cfg = self.image_detector if kind == "image" else self.video_detector
+        return replace(cfg, device=self.run_device())
+
+    def run_device(self) -> str:
+        """``cpu`` or ``cuda``: where this work runs (DeviceError when ``cuda`` was asked for
+        and cannot run here)."""
+        return select_device(self.device)
 
     def detector(self, kind: str) -> CompositeDetector:
         """The detector these settings ask for on ``kind`` ("image" or "video"; live streams
@@ -204,7 +215,7 @@ def settings_from_choices(categories: Sequence[str] | None, *, method: str | Non
                           methods: Mapping[str, str] | None = None,
                           settings: Mapping[str, Any] | None = None,
                           config: FileConfig | None = None, zones: Sequence[Zone] = (),
-                          threads: int = 0) -> RedactSettings:
+                          threads: int = 0, device: str | None = None) -> RedactSettings:
     """The settings of a media job's or a live stream's choices.
 
     ``categories``: names or aliases (None or empty: every available one); ``method``: how
@@ -212,7 +223,8 @@ def settings_from_choices(categories: Sequence[str] | None, *, method: str | Non
     per-category tables as in a settings file's ``[category.NAME]`` (``{"faces":
     {"threshold": 0.2}}``); ``config``: a settings file already read (its category tables, and
     its user models, whose categories become available); ``methods`` and ``settings`` win over
-    ``config``. Raises ValueError (UnknownCategoryError among them) naming what is wrong.
+    ``config``; ``device``: auto, cpu or cuda (default: REDACT_DEVICE, else auto). Raises ValueError
+    (UnknownCategoryError and DeviceError among them) naming what is wrong.
     """
     cfg = config or FileConfig()
     per = dict(cfg.per_category)
@@ -234,4 +246,5 @@ def settings_from_choices(categories: Sequence[str] | None, *, method: str | Non
         custom_models=tuple(cfg.custom_models),
         zones=tuple(tuple(tuple(float(v) for v in p) for p in z) for z in zones),
         image_detector=replace(IMAGE_PROFILE, threads=threads),
-        video_detector=replace(VIDEO_PROFILE, threads=threads))
+        video_detector=replace(VIDEO_PROFILE, threads=threads),
+        device=parse_device(device) if device else env_device_default())

@@ -13,6 +13,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from engines.arrays import device_of, to_host
 from engines.detections import Detections
 from engines.errors import DetectorError
 from engines.redact import Style, cover_zone, redact_detections
@@ -159,7 +160,11 @@ class AwaitDetections:
     def __call__(self, frame: Frame, lanes: Sequence[Lane]) -> list[tuple[Lane, Detections]]:
         t0 = time.perf_counter()
         try:
-            futures = [(lane, self.submit(lane.detector, frame.pixels)) for lane in lanes]
+            # the detectors take host pixels: a frame in GPU memory is copied back once for all
+            # of its due lanes
+            pixels = frame.pixels if not lanes or device_of(frame.pixels) == "cpu" else (
+                to_host(frame.pixels))
+            futures = [(lane, self.submit(lane.detector, pixels)) for lane in lanes]
             found = [(lane, f.result(self.timeout_s)) for lane, f in futures]
         except Exception as exc:
             reason = str(exc) or f"no answer within {self.timeout_s} s"

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import av
-import numpy as np
 
-from engines.arrays import to_host
 from engines.errors import MediaError, RedactionError, UnredactedFrameError
+from engines.gpu import describe
 from engines.redact import Style
 from engines.registry import Detector
 from pipeline.frame import Frame
+from pipeline.hw import NVENC, encoder_frame, frame_pixels, open_input, video_codec
 from pipeline.stages import Channel, RedactStage, Zone, run_thread
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ class VideoReport:
     frames_detail: list[dict[str, Any]] = field(default_factory=list)
     distinct_tracks: dict[str, int] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    # what ran: device, decode, detector backend, kernels, encoder (engines.gpu.describe)
+    runtime: dict[str, str] = field(default_factory=dict)
 
     @property
     def detector_calls_per_frame(self) -> float:
@@ -97,12 +99,17 @@ def estimate_frames(stream: Any) -> int | None:
 
 def redact_video(src: Path, dst: Path, detector: Detector, style: Style,
                  options: VideoOptions = VideoOptions(), progress: ProgressFn | None = None,
-                 record_frames: bool = True, zones: Sequence[Zone] = ()) -> VideoReport:
-    """Write a redacted copy of ``src`` to ``dst``. Raises MediaError or DetectorError."""
+                 record_frames: bool = True, zones: Sequence[Zone] = (),
+                 device: str = "cpu") -> VideoReport:
+    """Write a redacted copy of ``src`` to ``dst``. Raises MediaError or DetectorError.
+
+    ``device`` (``cpu`` or ``cuda``, see :func:`engines.gpu.select_device`): where frames are
+    decoded, redacted and encoded (:mod:`pipeline.hw`); the detector brings its own."""
     report = VideoReport()
+    report.runtime = describe(device)
     t_start = time.perf_counter()
     try:
-        inp = av.open(str(src))
+        inp, report.runtime["decode"] = open_input(src, device)
     except (av.FFmpegError, OSError) as exc:
         raise MediaError(f"cannot open {src.name} as video: {exc}") from exc
     tmp = dst.with_name(f".{dst.name}.partial{dst.suffix}")
@@ -117,7 +124,8 @@ def redact_video(src: Path, dst: Path, detector: Detector, style: Style,
         rotation = probe_rotation(src)
         dst.parent.mkdir(parents=True, exist_ok=True)
         with av.open(str(tmp), "w", format=_format_for(dst, inp.format.name)) as out:
-            vout = _add_video_stream(out, vin, options, rotation)
+            vout = _add_video_stream(out, vin, options, rotation, device)
+            report.runtime["encoder"] = vout.codec_context.name
             aout = out.add_stream_from_template(ain) if ain is not None else None
             if options.keep_metadata:
                 out.metadata.update(inp.metadata)
@@ -127,7 +135,7 @@ def redact_video(src: Path, dst: Path, detector: Detector, style: Style,
             elif ain is not None and aout is not None and ain.language:
                 aout.metadata["language"] = ain.language
             _run(inp, vin, ain, out, vout, aout, detector, style, options, report, progress,
-                 total, record_frames, zones)
+                 total, record_frames, zones, device)
         os.replace(tmp, dst)
     except RedactionError:
         raise
@@ -149,9 +157,10 @@ def _format_for(dst: Path, input_format: str) -> str:
     return by_ext.get(ext) or VIDEO_CONTAINERS.get(input_format.split(",")[0], "mp4")
 
 
-def _add_video_stream(out: Any, vin: Any, options: VideoOptions, rotation: int) -> Any:
+def _add_video_stream(out: Any, vin: Any, options: VideoOptions, rotation: int,
+                      device: str = "cpu") -> Any:
     fmt = out.format.name.split(",")[0]
-    codec = _CODEC_FOR_FORMAT.get(fmt, "libx264")
+    codec = video_codec(device, _CODEC_FOR_FORMAT.get(fmt, "libx264"))
     rate = vin.average_rate or vin.guessed_rate or Fraction(30)
     vout = out.add_stream(codec, rate=rate)
     cc = vout.codec_context
@@ -162,6 +171,8 @@ def _add_video_stream(out: Any, vin: Any, options: VideoOptions, rotation: int) 
     vout.time_base = cc.time_base
     if codec == "libx264":
         cc.options = {"preset": options.preset, "crf": str(options.crf)}
+    elif codec == NVENC:
+        cc.options = {"preset": "p4", "tune": "ll", "rc": "vbr", "cq": str(options.crf + 3)}
     elif codec == "libvpx-vp9":
         cc.options = {"deadline": "realtime", "cpu-used": "8", "row-mt": "1", "crf": "32",
                       "b": "0"}
@@ -174,7 +185,7 @@ def _add_video_stream(out: Any, vin: Any, options: VideoOptions, rotation: int) 
 
 def _run(inp: Any, vin: Any, ain: Any, out: Any, vout: Any, aout: Any, detector: Detector,
          style: Style, options: VideoOptions, report: VideoReport, progress: ProgressFn | None,
-         total: int | None, record_frames: bool, zones: Sequence[Zone]) -> None:
+         total: int | None, record_frames: bool, zones: Sequence[Zone], device: str) -> None:
     decoded = Channel(QUEUE_FRAMES)
     to_encode = Channel(QUEUE_FRAMES)
     stage_ms: dict[str, float] = {"decode": 0.0, "detect": 0.0, "track": 0.0, "redact": 0.0,
@@ -193,10 +204,8 @@ def _run(inp: Any, vin: Any, ain: Any, out: Any, vout: Any, aout: Any, detector:
                     return
                 continue
             for vf in packet.decode():
-                pixels = vf.to_ndarray(format="bgr24")
-                if pixels.shape[1] != width or pixels.shape[0] != height:
-                    pixels = np.ascontiguousarray(pixels[:height, :width])
-                frame = Frame(index, pixels, vf.pts, vf.time_base)
+                frame = Frame(index, frame_pixels(vf, device, width, height), vf.pts,
+                              vf.time_base)
                 frame.timings_ms["decode"] = (time.perf_counter() - t0) * 1000
                 index += 1
                 if not decoded.put(frame):
@@ -221,7 +230,7 @@ def _run(inp: Any, vin: Any, ain: Any, out: Any, vout: Any, aout: Any, detector:
             if not item.redacted:
                 raise UnredactedFrameError(f"frame {item.index} reached the encoder unredacted")
             t0 = time.perf_counter()
-            vf = av.VideoFrame.from_ndarray(to_host(item.pixels), format="bgr24")
+            vf = encoder_frame(item.pixels)
             pts = item.pts if item.pts is not None else (item.index if last_pts is None
                                                          else last_pts + 1)
             if last_pts is not None and pts <= last_pts:

@@ -8,6 +8,12 @@ Every piece of media the tests use is made here, in code: videos are encoded wit
 from __future__ import annotations
 
 import os
+
+# The CUDA kernels run on Numba's CUDA simulator on machines without a GPU (the kernel tests and
+# the cuda-device pipeline tests); on a GPU machine, NUMBA_ENABLE_CUDASIM=0 runs them on the GPU.
+# `auto` never picks the simulator (engines.gpu), so every other test runs on the CPU path.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction

@@ -493,3 +493,32 @@ def test_full_queue_is_503_with_retry_after(tmp_path: Path) -> None:
             assert int(full.headers["retry-after"]) > 0
             assert wait_job(c, k, waiting.json()["id"])["status"] == "completed"
             assert wait_job(c, k, long)["status"] == "completed"
+
+
+def test_a_job_chooses_its_device_and_reports_what_ran(client: httpx.Client, key: ApiKeyInfo,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from engines import gpu
+
+    photo = jpeg_bytes(astronaut_bgr_image())
+    for device in ("cpu", "auto"):
+        r = submit(client, key, photo, "a.jpg", [*FACES, ("device", device)])
+        assert r.status_code == 202, r.text
+        assert r.json()["device"] == device
+        done = wait_job(client, key, r.json()["id"])
+        assert done["status"] == "completed" and done["detections"] == {"faces": 1}
+        assert done["device"] == device
+        assert done["runtime"]["device"] == "cpu"  # no GPU here: auto is the CPU path
+        assert done["runtime"]["detector_backend"] == "onnxruntime (cpu)"
+    r = submit(client, key, photo, "a.jpg", [*FACES, ("device", "tpu")])
+    assert r.status_code == 400 and error_of(r) == "invalid_device"
+    assert "auto, cpu, cuda" in r.json()["error"]["message"]
+    # as on a machine without a GPU (the tests' CUDA simulator switched off)
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "0")
+    gpu.cuda_probe.cache_clear()
+    try:
+        r = submit(client, key, photo, "a.jpg", [*FACES, ("device", "cuda")])
+    finally:
+        monkeypatch.undo()
+        gpu.cuda_probe.cache_clear()
+    assert r.status_code == 400 and error_of(r) == "device_unavailable"
+    assert "no NVIDIA driver" in r.json()["error"]["message"]

@@ -353,3 +353,10 @@ def test_stream_settings_are_validated_and_user_models_come_only_from_the_camera
         StreamDef.parse({**body, "settings": {"faces": {"threshold": 7}}}, "key_1")
     with pytest.raises(StreamError, match="cameras file"):
         StreamDef.parse({**body, "config": "/etc/redact.toml"}, "key_1")
+    # a stream's device: validated, kept, and auto when not given
+    assert spec.device is None and spec.redact_settings().device == "auto"
+    on_cpu = StreamDef.parse({**body, "device": "CPU"}, "key_1")
+    assert on_cpu.device == "cpu" and on_cpu.definition()["device"] == "cpu"
+    assert on_cpu.redact_settings().run_device() == "cpu"
+    with pytest.raises(StreamError, match="device: unknown device 'gpu'"):
+        StreamDef.parse({**body, "device": "gpu"}, "key_1")

@@ -16,6 +16,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from engines.errors import UnknownCategoryError
+from engines.gpu import parse_device
 from engines.redact import Method
 from engines.registry import resolve_categories
 from gateway.api.models import ErrorBody, JobState, MediaCreated, MediaList, MediaStatus
@@ -51,6 +52,10 @@ _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
         "method": {"type": "string", "enum": ["blur", "pixelate", "pixelation", "fill"],
                    "description": "how regions are covered (also `obfuscation_type`); "
                                   "per category: `method[faces]=pixelate`"},
+        "device": {"type": "string", "enum": ["auto", "cpu", "cuda"],
+                   "description": "where the job runs: cuda (a GPU), cpu, or auto (default: "
+                                  "the server's REDACT_DEVICE, else auto); the status and "
+                                  "manifest's `runtime` say what ran"},
         "webhook_url": {"type": "string", "format": "uri",
                         "description": "POSTed the status JSON when the job ends, signed"},
     }}}}}}
@@ -74,7 +79,7 @@ def _queue_full(service: Service) -> None:
                        {"Retry-After": str(QUEUE_FULL_RETRY_S)})
 
 
-def _choices(upload: Upload) -> tuple[list[str], dict[str, Any]]:
+def _choices(upload: Upload, embedded_worker: bool = False) -> tuple[list[str], dict[str, Any]]:
     """Categories and methods asked for (400 on unknown ones)."""
     names = upload.values("categories[]", "categories", "pii_categories[]", "pii_categories")
     categories = list(resolve_categories(names or None))
@@ -92,13 +97,24 @@ def _choices(upload: Upload) -> tuple[list[str], dict[str, Any]]:
                 methods[cat] = Method.parse(values[-1]).value
             except ValueError as exc:
                 raise ApiError(400, "invalid_method", f"{field}: {exc}") from None
-    options = {"method": method, "methods": methods}
+    options: dict[str, Any] = {"method": method, "methods": methods}
+    device = upload.first("device")
+    if device:
+        try:
+            options["device"] = parse_device(device)
+        except ValueError as exc:
+            raise ApiError(400, "invalid_device", str(exc)) from None
     try:
-        redact_settings(categories, options)
+        settings = redact_settings(categories, options)
     except UnknownCategoryError:
         raise
     except ValueError as exc:
         raise ApiError(400, "invalid_options", str(exc)) from None
+    if embedded_worker:
+        try:  # this process's worker runs the job: a GPU asked for must be here
+            settings.run_device()
+        except ValueError as exc:
+            raise ApiError(400, "device_unavailable", str(exc)) from None
     return categories, options
 
 
@@ -147,7 +163,7 @@ async def create_media(request: Request, key: KeyDep, service: ServiceDep) -> JS
     try:
         if upload.path is None:
             raise ApiError(400, "missing_file", "the form has no 'file' part")
-        categories, options = _choices(upload)
+        categories, options = _choices(upload, service.settings.embedded_worker)
         webhook_url = upload.first("webhook_url")
         if webhook_url:
             try:
@@ -185,7 +201,8 @@ async def create_media(request: Request, key: KeyDep, service: ServiceDep) -> JS
     service.metrics.upload_bytes.inc(upload.size)
     log.info("job %s queued: %s, %d bytes, key %s", job_id, inspected.kind, upload.size, key.id)
     body = {"id": job_id, "status": "queued", "kind": inspected.kind, "categories": categories,
-            "method": options["method"], "methods": options["methods"], "created_at": iso(now)}
+            "method": options["method"], "methods": options["methods"],
+            "device": options.get("device") or "auto", "created_at": iso(now)}
     return JSONResponse(body, status_code=202, headers={"Location": f"/v1/media/{job_id}"})
 
 

@@ -25,6 +25,7 @@ class MediaCreated(BaseModel):
     categories: list[str]
     method: str
     methods: dict[str, str]
+    device: str
     created_at: str
 
 
@@ -37,6 +38,7 @@ class MediaStatus(BaseModel):
     categories: list[str]
     method: str | None
     methods: dict[str, str]
+    device: str
     progress: float
     detections: dict[str, int] | None
     distinct_objects: dict[str, int] | None
@@ -53,6 +55,8 @@ class MediaStatus(BaseModel):
     frames: int | None = None
     duration_s: float | None = None
     fps: float | None = None
+    # what ran: device, gpu, decode, detector_backend, kernels, encoder
+    runtime: dict[str, str] | None = None
 
 
 class MediaList(BaseModel):
