@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,24 @@ def run_keys_revoke(args: argparse.Namespace) -> int:
     return 1
 
 
+def _device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+                   help="where jobs and streams run unless they ask otherwise: cuda (an NVIDIA "
+                        "GPU, with the [gpu] extra), cpu, or auto: cuda when a usable GPU is "
+                        "here (default: $REDACT_DEVICE, else auto)")
+
+
+def _apply_device(args: argparse.Namespace) -> None:
+    """--device becomes the process's default device (engines.gpu reads REDACT_DEVICE);
+    cuda that cannot run here stops the command with the reason."""
+    device = getattr(args, "device", None)
+    if device:
+        os.environ["REDACT_DEVICE"] = device
+    from engines.gpu import env_device_default, select_device
+
+    select_device(env_device_default())
+
+
 def _data_dir_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, default=None,
                    help="service data directory (default: $REDACT_DATA_DIR, else "
@@ -133,7 +152,8 @@ def add_serve_parser(sub: Any) -> None:
                         "settings (per-category tables: threshold, scale, period, method, "
                         "mask_scale, shape), config (a settings file, as `redact file "
                         "--config`, whose [[model]] detectors the camera may use), zones, "
-                        "outputs (rtsp, webrtc, record)")
+                        "outputs (rtsp, webrtc, record), device (auto, cpu, cuda)")
+    _device_option(p)
     _data_dir_option(p)
     p.set_defaults(func=run_serve)
 
@@ -177,6 +197,7 @@ def add_worker_parser(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="jobs redacted at the same time (default: 2, or $REDACT_WORKERS)")
     _stream_options(p, worker=True)
+    _device_option(p)
     _data_dir_option(p)
     p.set_defaults(func=run_worker)
 
@@ -228,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if getattr(args, "command", None) in ("serve", "worker"):
+        try:
+            _apply_device(args)
+        except ValueError as exc:
+            print(f"redact {args.command}: {exc}", file=sys.stderr)
+            return 2
     return int(args.func(args))
 
 
