@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from engines.arrays import device_of
 from engines.errors import RedactionError
 
 log = logging.getLogger(__name__)
@@ -210,7 +211,7 @@ class BatchedSession:
             if len(batch) == 1:
                 batch[0].outputs_value = list(self.inner.run(names, batch[0].feed))
             else:
-                feed = {k: np.concatenate([r.feed[k] for r in batch]) for k in batch[0].feed}
+                feed = {k: stack_rows([r.feed[k] for r in batch]) for k in batch[0].feed}
                 outs = [np.asarray(o) for o in self.inner.run(names, feed)]
                 parts = [split_batch(o, [r.rows for r in batch]) for o in outs]
                 if any(p is None for p in parts):
@@ -232,6 +233,16 @@ class BatchedSession:
         finally:
             for r in batch:
                 r.done = True
+
+
+def stack_rows(arrays: list[Any]) -> Any:
+    """Inputs of several requests as one batch along axis 0: numpy arrays, or arrays in GPU
+    memory (made there by the pre-processing kernel), stacked on the GPU with torch."""
+    if all(isinstance(a, np.ndarray) for a in arrays):
+        return np.concatenate(arrays)
+    import torch
+
+    return torch.cat([torch.as_tensor(a, device="cuda") for a in arrays])
 
 
 def split_batch(out: np.ndarray, rows: list[int]) -> list[np.ndarray] | None:
@@ -258,7 +269,8 @@ class _Request:
         self.feed = feed
         arrays = list(feed.values())
         self.rows = int(arrays[0].shape[0]) if arrays and arrays[0].ndim else 1
-        self.key = (outputs, tuple((k, v.shape[1:], v.dtype.str) for k, v in feed.items()))
+        self.key = (outputs, tuple((k, tuple(v.shape[1:]), str(v.dtype), device_of(v))
+                                   for k, v in feed.items()))
         self.since = time.monotonic()
         self.done = False
         self.outputs_value: list[Any] = []

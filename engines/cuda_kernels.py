@@ -41,6 +41,7 @@ truncate a little differently: at most one grey level apart); nearest uses OpenC
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -65,6 +66,8 @@ from engines.redact import (
 )
 
 SIMULATOR = bool(getattr(numba_config, "ENABLE_CUDASIM", 0))
+if not hasattr(np, "row_stack"):  # numba-cuda 0.30 still refers to it; NumPy 2.5 removed it
+    np.row_stack = np.vstack  # type: ignore[attr-defined]
 # The simulator runs every thread as Python, whatever the block size; on a GPU 128 threads per
 # block keep the multiprocessors busy with these small, branchy kernels.
 THREADS_PER_BLOCK = 64 if SIMULATOR else 128
@@ -102,11 +105,31 @@ _FILL0 = 17  # fill value, one column per channel
 _NCOL = _FILL0 + 3
 
 
+class _Host:
+    """numba.cuda's host calls, reached through this object rather than the module: while a
+    kernel runs, Numba's CUDA simulator swaps every global of the kernel's module that is
+    ``numba.cuda`` for its fake module, and host calls made meanwhile on another thread (a
+    decoder's upload, a detector's pre-processing) would find the fake one."""
+
+    to_device = staticmethod(cuda.to_device)
+    device_array = staticmethod(cuda.device_array)
+    as_cuda_array = staticmethod(getattr(cuda, "as_cuda_array", cuda.to_device))
+
+
+# The simulator's swap is not thread-safe either (two kernels at once can leave the fake module
+# in place): there, launches take turns. A GPU runs them as they come.
+_SIM_LAUNCH_LOCK = threading.Lock() if SIMULATOR else None
+
+
 def _launch(kernel: Any, threads: int, *args: Any) -> None:
     global LAUNCHES
     LAUNCHES += 1
     blocks = (threads + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
-    kernel[blocks, THREADS_PER_BLOCK](*args)
+    if _SIM_LAUNCH_LOCK is None:
+        kernel[blocks, THREADS_PER_BLOCK](*args)
+        return
+    with _SIM_LAUNCH_LOCK:
+        kernel[blocks, THREADS_PER_BLOCK](*args)
 
 
 def _upload(arr: np.ndarray) -> Any:
@@ -114,7 +137,7 @@ def _upload(arr: np.ndarray) -> Any:
     portable)."""
     if arr.size == 0:
         arr = np.zeros((1, *arr.shape[1:]), arr.dtype)
-    return cuda.to_device(np.ascontiguousarray(arr))
+    return _Host.to_device(np.ascontiguousarray(arr))
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,9 +151,9 @@ def _as_device(obj: Any) -> Any:
     if hasattr(obj, "copy_to_host"):
         return obj
     if hasattr(obj, "__cuda_array_interface__"):
-        return cuda.as_cuda_array(obj)
+        return _Host.as_cuda_array(obj)
     if isinstance(obj, np.ndarray):
-        return cuda.to_device(np.ascontiguousarray(obj))
+        return _Host.to_device(np.ascontiguousarray(obj))
     raise TypeError(f"not a device array: {type(obj).__name__}")
 
 
@@ -242,10 +265,10 @@ class DeviceImage:
         h, w = bgr.shape[:2]
         if layout == "nv12" and not (w % 2 or h % 2):
             y, uv = _bgr_to_nv12_host(bgr)
-            return cls([(cuda.to_device(y), 1), (cuda.to_device(uv), 2)], w, h, "nv12")
+            return cls([(_Host.to_device(y), 1), (_Host.to_device(uv), 2)], w, h, "nv12")
         if layout not in ("nv12", "bgr"):
             raise ValueError(f"unknown layout {layout!r}; use nv12 or bgr")
-        return cls([(cuda.to_device(np.ascontiguousarray(bgr)), 1)], w, h, "bgr")
+        return cls([(_Host.to_device(np.ascontiguousarray(bgr)), 1)], w, h, "bgr")
 
     @classmethod
     def from_nv12_planes(cls, y: Any, uv: Any) -> DeviceImage:
@@ -286,10 +309,10 @@ class DeviceImage:
         planes = []
         for arr, sub in self.planes:
             if arr.is_c_contiguous():
-                dup = cuda.device_array(tuple(arr.shape), np.uint8)
+                dup = _Host.device_array(tuple(arr.shape), np.uint8)
                 dup.copy_to_device(arr)
             else:
-                dup = cuda.to_device(np.ascontiguousarray(arr.copy_to_host()))
+                dup = _Host.to_device(np.ascontiguousarray(arr.copy_to_host()))
             planes.append((dup, sub))
         return DeviceImage(planes, self.width, self.height, self.layout)
 
@@ -862,15 +885,15 @@ def _run_jobs(image: DeviceImage, jobs: list[_Job]) -> None:
     p1 = image.planes[1][0] if len(image.planes) > 1 else p0
     rt, cum_big = _upload(plan.rt), _upload(plan.cum_big)
     if plan.small_size:
-        small = cuda.device_array(plan.small_size, np.uint8)
-        smooth = cuda.device_array(plan.small_size, np.uint8)
+        small = _Host.device_array(plan.small_size, np.uint8)
+        smooth = _Host.device_array(plan.small_size, np.uint8)
         cum_small = _upload(plan.cum_small)
         n_small = int(plan.cum_small[-1])
         _launch(_downscale_kernel, n_small, p0, p1, rt, cum_small, _upload(plan.tab_start),
                 _upload(plan.tab_src), _upload(plan.tab_alpha), small)
         _launch(_gauss_kernel, n_small, rt, cum_small, small, smooth)
     else:
-        smooth = cuda.device_array(1, np.uint8)
+        smooth = _Host.device_array(1, np.uint8)
     _launch(_write_kernel, int(plan.cum_big[-1]), p0, p1, rt, _upload(plan.rf), cum_big,
             _upload(plan.spans), smooth)
 
@@ -1013,7 +1036,7 @@ class CudaKernels:
         plan = _build_plan(jobs)
         p0 = image.planes[0][0]
         p1 = image.planes[1][0] if len(image.planes) > 1 else p0
-        small = cuda.device_array(plan.small_size, np.uint8)
+        small = _Host.device_array(plan.small_size, np.uint8)
         _launch(_downscale_kernel, int(plan.cum_small[-1]), p0, p1, _upload(plan.rt),
                 _upload(plan.cum_small), _upload(plan.tab_start), _upload(plan.tab_src),
                 _upload(plan.tab_alpha), small)
@@ -1065,7 +1088,7 @@ def letterbox_planar(image: DeviceImage, out_w: int, out_h: int, scale_w: float,
     else:
         mode = 2
         tabs = _letterbox_tabs(w, h, nw, nh)
-    out = cuda.device_array((1, 3, int(out_h), int(out_w)), np.float32)
+    out = _Host.device_array((1, 3, int(out_h), int(out_w)), np.float32)
     p0 = image.planes[0][0]
     p1 = image.planes[1][0] if len(image.planes) > 1 else p0
     _launch(_letterbox_kernel, int(out_w) * int(out_h), p0, p1, int(image.layout == "nv12"),

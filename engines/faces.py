@@ -13,11 +13,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
-from engines.backends import load_model
+from engines.arrays import device_of, to_host
+from engines.backends import backend_for, load_model
 from engines.detections import Detections, nms
 from engines.models import CENTERFACE, YUNET, ModelSpec, dynamic_onnx_bytes, sha256_file
 
@@ -84,12 +86,19 @@ class _OnnxFaceModel:
         self._session = load_model(
             dynamic_onnx_bytes(self.path, {self.input_name: ["B", 3, "H", "W"]}),
             device=device, threads=threads, batch=True, shared=shared)
+        # the model runs on the GPU: inputs made there are fed without a copy
+        self._feeds_device = backend_for(device).device == "cuda"
 
     @property
     def info(self) -> ModelInfo:
         return ModelInfo(self.spec.name, self.path.name, sha256_file(self.path), self.spec.license)
 
+    # True where _detect_scaled makes its input from a frame in GPU memory on the GPU
+    takes_device_frames = False
+
     def detect(self, image: np.ndarray) -> Detections:
+        if not self.takes_device_frames and device_of(image) != "cpu":
+            image = to_host(image)
         boxes, scores = [], []
         passes = effective_scales(image.shape, self.scales, self.max_input_pixels)
         for scale in passes:
@@ -119,6 +128,21 @@ class _OnnxFaceModel:
     def _run(self, blob: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         return list(self._session.run(outputs, {self.input_name: blob}))
 
+    def _letterbox_on_device(self, image: Any, scale: float) -> tuple[Any, float, float, int]:
+        """:func:`_letterbox` of a frame in GPU memory, as one kernel there
+        (:func:`engines.cuda_kernels.letterbox_planar`): the input (1, 3, H, W) float32, left
+        on the GPU for a GPU model or copied back for a CPU one, and sx, sy, padded width."""
+        from engines.cuda_kernels import letterbox_planar
+
+        h, w = image.shape[:2]
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        pw = -(-nw // _STRIDE_ALIGN) * _STRIDE_ALIGN
+        ph = -(-nh // _STRIDE_ALIGN) * _STRIDE_ALIGN
+        blob = letterbox_planar(image, pw, ph, scale, scale)
+        if not self._feeds_device:
+            blob = np.asarray(blob.copy_to_host())
+        return blob, nw / w, nh / h, pw
+
     def _detect_scaled(self, image: np.ndarray, scale: float,
                        threshold: float) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -144,11 +168,16 @@ class YuNet(_OnnxFaceModel):
                          device=device, shared=shared)
         self._outputs = [f"{k}_{s}" for s in self._strides for k in ("cls", "obj", "bbox")]
 
+    takes_device_frames = True
+
     def _detect_scaled(self, image: np.ndarray, scale: float,
                        threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        padded, sx, sy = _letterbox(image, scale)
-        _ph, pw = padded.shape[:2]
-        blob = padded.transpose(2, 0, 1)[None].astype(np.float32)
+        if device_of(image) == "cpu":
+            padded, sx, sy = _letterbox(image, scale)
+            pw = padded.shape[1]
+            blob: Any = padded.transpose(2, 0, 1)[None].astype(np.float32)
+        else:
+            blob, sx, sy, pw = self._letterbox_on_device(image, scale)
         out = self._run(blob, self._outputs)
         boxes, scores = [], []
         for i, stride in enumerate(self._strides):

@@ -261,10 +261,11 @@ class CompositeDetector:
     """
 
     def __init__(self, parts: Sequence[Detector],
-                 min_scores: Mapping[str, float] | None = None) -> None:
+                 min_scores: Mapping[str, float] | None = None, device: str = "cpu") -> None:
         self.parts = list(parts)
         self.categories = tuple(c for p in parts for c in p.categories)
         self.min_scores = dict(min_scores or {})
+        self.device = device  # where its models run: its detections go to that device's service
 
     def detect(self, image: np.ndarray) -> Detections:
         return Detections.concat(self.filter(p.detect(image)) for p in self.parts)
@@ -291,6 +292,8 @@ class _Part:
         self.period = period
         self._only = None if only is None else np.array(list(only), dtype="<U16")
         self._filter = CompositeDetector([], min_scores).filter
+        # given frames in GPU memory as they are (else a host copy, see pipeline.stages)
+        self.takes_device_frames = bool(getattr(inner, "takes_device_frames", False))
 
     def detect(self, image: np.ndarray) -> Detections:
         found = self.inner.detect(image)
@@ -315,6 +318,7 @@ class _FaceDetector:
                           model_path=config.model_path, threads=config.threads,
                           max_input_pixels=config.max_input_pixels, device=config.device,
                           shared=config.shared_models)
+        self.takes_device_frames = bool(getattr(self._model, "takes_device_frames", False))
 
     def detect(self, image: np.ndarray) -> Detections:
         return self._model.detect(image)
@@ -435,4 +439,4 @@ def build_detector(categories: Sequence[str], config: DetectorConfig,
 
         parts.append(_Part(CustomDetector(m, **models),
                            period("custom", served), min_scores, only=served))
-    return CompositeDetector(parts)
+    return CompositeDetector(parts, device=config.device)

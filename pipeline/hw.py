@@ -53,7 +53,10 @@ def frame_pixels(vf: Any, device: str, width: int, height: int) -> Any:
         from engines.cuda_kernels import DeviceImage
 
         if vf.format.name == "nv12" and vf.width == width and vf.height == height:
-            return DeviceImage.from_nv12_host(vf.to_ndarray())
+            nv12 = vf.to_ndarray()  # (H * 3/2, W): Y rows, then interleaved U, V rows
+            return DeviceImage.from_nv12_planes(
+                np.ascontiguousarray(nv12[:height]),
+                np.ascontiguousarray(nv12[height:]).reshape(height // 2, width // 2, 2))
         bgr = vf.to_ndarray(format="bgr24")
         return DeviceImage.from_bgr(np.ascontiguousarray(bgr[:height, :width]))
     pixels = vf.to_ndarray(format="bgr24")

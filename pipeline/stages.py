@@ -160,11 +160,17 @@ class AwaitDetections:
     def __call__(self, frame: Frame, lanes: Sequence[Lane]) -> list[tuple[Lane, Detections]]:
         t0 = time.perf_counter()
         try:
-            # the detectors take host pixels: a frame in GPU memory is copied back once for all
-            # of its due lanes
-            pixels = frame.pixels if not lanes or device_of(frame.pixels) == "cpu" else (
-                to_host(frame.pixels))
-            futures = [(lane, self.submit(lane.detector, pixels)) for lane in lanes]
+            # a frame in GPU memory goes as it is to the detectors that take one (the face
+            # model's pre-processing runs on the GPU), and copied back once for the others
+            host = frame.pixels if device_of(frame.pixels) == "cpu" else None
+            futures = []
+            for lane in lanes:
+                pixels = frame.pixels
+                if host is not frame.pixels and not getattr(lane.detector,
+                                                            "takes_device_frames", False):
+                    host = to_host(frame.pixels) if host is None else host
+                    pixels = host
+                futures.append((lane, self.submit(lane.detector, pixels)))
             found = [(lane, f.result(self.timeout_s)) for lane, f in futures]
         except Exception as exc:
             reason = str(exc) or f"no answer within {self.timeout_s} s"

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -24,6 +25,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from engines import gpu
 from engines.backends import BackendError, backend_for, resolve_device
+from engines.detections import Detections
+from engines.faces import ModelInfo
 from gateway.cli import main
 from pipeline import hw
 from pipeline.settings import RedactSettings, settings_from_choices
@@ -175,3 +178,143 @@ def test_gpu_backends_say_why_they_cannot_run_here() -> None:
     for mod in (torch_backend, tensorrt_backend):
         ok, why = mod.available()
         assert not ok and why
+
+
+# --- the cuda path end to end, on Numba's CUDA simulator -------------------------------------
+
+class WhiteSquare:
+    """Finds the white square of a frame (host pixels, as the detectors are given)."""
+
+    categories: tuple[str, ...] = ("faces",)
+    def __init__(self) -> None:
+        self.kinds: set[str] = set()
+        self.models: list[ModelInfo] = []
+
+    def detect(self, image: np.ndarray) -> Detections:
+        self.kinds.add(type(image).__name__)
+        ys, xs = np.nonzero((image > 235).all(-1))
+        if not len(ys):
+            return Detections.empty()
+        return Detections.from_boxes([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]],
+                                     [0.9], "faces")
+
+
+def square_clip(n: int = 4, w: int = 64, h: int = 48) -> list[np.ndarray]:
+    yy, xx = np.mgrid[0:h, 0:w]
+    frames = []
+    for i in range(n):
+        # smooth colours (4:2:0 chroma of per-pixel noise would differ between converters)
+        f = np.stack([40 + xx * 2, 60 + yy * 2, 120 + (xx + yy + i)], -1).astype(np.uint8)
+        f[14:30, 10 + 4 * i:26 + 4 * i] = 255
+        frames.append(f)
+    return frames
+
+
+@pytest.fixture
+def simulated_gpu() -> Iterator[None]:
+    if not gpu.cuda_probe().simulator:
+        pytest.skip("needs Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, set by conftest)")
+    yield
+
+
+def test_a_video_on_the_cuda_path_is_redacted_like_on_the_cpu(tmp_path: Path,
+                                                             simulated_gpu: None) -> None:
+    from engines.redact import Method, Style
+    from pipeline.video import redact_video
+
+    frames = square_clip()
+    src = write_video(tmp_path / "in.mp4", frames, fps=10, audio="aac")
+    style = Style(Method.FILL, fill_bgr=(255, 0, 255))
+    outs = {}
+    for device in ("cuda", "cpu"):
+        det = WhiteSquare()
+        report = redact_video(src, tmp_path / f"{device}.mp4", det, style, device=device)
+        outs[device] = (report, read_video(tmp_path / f"{device}.mp4"), det)
+    report, video, det = outs["cuda"]
+    assert report.runtime["device"] == "cuda"
+    assert report.runtime["kernels"] == "cuda (numba, simulator)"
+    assert report.runtime["decode"].startswith("cpu (NVDEC unavailable")
+    assert report.runtime["encoder"] == "libx264"
+    assert det.kinds == {"ndarray"}  # detectors are given host pixels
+    assert len(video.frames) == 4 and video.audio_packets == outs["cpu"][1].audio_packets
+    assert video.times == outs["cpu"][1].times
+    source = read_video(src).frames
+    for i, (got, cpu) in enumerate(zip(video.frames, outs["cpu"][1].frames, strict=True)):
+        x = 10 + 4 * i
+        square = got[16:28, x + 2:x + 14].reshape(-1, 3).astype(int)
+        assert (np.abs(square - [255, 0, 255]) < 40).all(), f"frame {i}: square not filled"
+        # elsewhere the picture is as faithful to the source as the CPU path's (both differ
+        # from it by the codec and the colour conversions)
+        away = np.ones(got.shape[:2], bool)
+        away[8:36, x - 6:x + 24] = False
+        gpu_err = np.abs(got.astype(int) - source[i])[away].mean()
+        cpu_err = np.abs(cpu.astype(int) - source[i])[away].mean()
+        assert gpu_err <= cpu_err + 3.0, (i, gpu_err, cpu_err)
+
+
+def test_a_device_frame_goes_back_to_the_encoder_as_nv12(simulated_gpu: None) -> None:
+    from engines.cuda_kernels import DeviceImage
+
+    yy, xx = np.mgrid[0:48, 0:64]
+    bgr = np.stack([xx * 3, yy * 4, (xx + yy) * 2], -1).astype(np.uint8)  # smooth colours
+    dev = hw.frame_pixels(__import__("av").VideoFrame.from_ndarray(bgr, format="bgr24")
+                          .reformat(format="nv12"), "cuda", 64, 48)
+    assert isinstance(dev, DeviceImage) and dev.layout == "nv12"
+    vf = hw.encoder_frame(dev)
+    assert vf.format.name == "nv12" and (vf.width, vf.height) == (64, 48)
+    back = vf.to_ndarray(format="bgr24")
+    assert np.abs(back.astype(int) - bgr.astype(int)).mean() < 4.0
+
+
+def test_the_face_model_makes_its_input_on_the_gpu_from_a_device_frame(
+        simulated_gpu: None) -> None:
+    import cv2
+
+    from engines.cuda_kernels import DeviceImage
+    from engines.faces import YuNet
+    from tests.conftest import ASTRONAUT_FACE, astronaut_bgr_image, iou
+
+    # the astronaut at 1/4 size (128x128): her face is about 22x26 px
+    small = cv2.resize(astronaut_bgr_image(), (128, 128), interpolation=cv2.INTER_AREA)
+    dev = DeviceImage.from_bgr(small)
+    model = YuNet(threshold=0.5, device="cuda")
+    assert model.takes_device_frames
+    on_gpu = model.detect(dev)  # type: ignore[arg-type]
+    on_host = model.detect(dev.to_bgr())
+    face = [v / 4 for v in ASTRONAUT_FACE]
+    assert len(on_gpu) == len(on_host) == 1
+    assert iou(on_gpu.xyxy[0], on_host.xyxy[0]) > 0.9
+    assert iou(on_gpu.xyxy[0], face) > 0.5
+    assert abs(float(on_gpu.score[0]) - float(on_host.score[0])) < 0.05
+
+
+def _gpu_benchmark(tmp_path: Path, simulator: bool, *args: str) -> tuple[int, str, dict[str, Any]]:
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1" if simulator else "0"}
+    out = tmp_path / "gpu.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--json", str(out), *args],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    doc = json.loads(out.read_text()) if out.exists() else json.loads(r.stdout.splitlines()[-1])
+    return r.returncode, r.stdout, doc
+
+
+def test_the_gpu_benchmark_exits_0_saying_why_without_a_gpu(tmp_path: Path) -> None:
+    rc, stdout, doc = _gpu_benchmark(tmp_path, False)
+    assert rc == 0
+    assert "skipped: no NVIDIA driver found" in stdout
+    assert doc == {"skipped": "no NVIDIA driver found (no CUDA GPU here)"}
+
+
+def test_the_gpu_benchmark_runs_every_step_on_the_simulator(tmp_path: Path) -> None:
+    """The device check's own logic, at toy sizes (a check of the script, not a measurement)."""
+    rc, stdout, doc = _gpu_benchmark(tmp_path, True, "--simulator")
+    assert rc == 0, stdout
+    assert doc["kernels"]["parity_ok"] and max(doc["kernels"]["max_abs_diff"].values()) <= 1
+    assert doc["decode"]["same_frames"] and doc["decode"]["mean_abs_diff"] == 0.0
+    assert doc["preprocess"]["max_abs_diff"] <= 1.0
+    assert "skipped" in doc["backend"]  # the simulator has no GPU detector backend
+    for n in ("1", "2"):
+        run = doc["streams"][n]
+        assert run["frames"] == 4 * int(n) and not run["errors"]
+        assert run["runtime"]["kernels"] == "cuda (numba, simulator)"
+        assert run["ms_per_frame_by_stage"]["redact"] > 0
+    assert "streams   2:" in stdout
