@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from engines.torch_backend import ModelMeta, TensorInfo, _infos
+from engines import torch_backend
+from engines.torch_backend import OnnxSignature, TensorInfo
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,8 @@ SIDE_MIN, SIDE_OPT, SIDE_MAX = 32, 736, 1920
 
 
 def available() -> tuple[bool, str]:
-    try:
-        import tensorrt  # noqa: F401
-        import torch
-    except ImportError as exc:
-        return False, f"{exc.name or exc} is not installed"
-    if not torch.cuda.is_available():
-        return False, "torch sees no CUDA GPU"
-    return True, ""
+    """TensorRT, with torch on CUDA for the I/O buffers (and the torch backend's helpers)."""
+    return torch_backend.available("tensorrt")
 
 
 def cache_dir() -> Path:
@@ -81,17 +76,14 @@ def engine_key(model_bytes: bytes, trt_version: str, gpu: str, capability: tuple
     return h.hexdigest()
 
 
-class TensorRtSession:
+class TensorRtSession(OnnxSignature):
     def __init__(self, model_bytes: bytes) -> None:
         import onnx
         import tensorrt as trt
         import torch
 
         proto = onnx.load_from_string(model_bytes)
-        inits = {i.name for i in proto.graph.initializer}
-        self._inputs = _infos(v for v in proto.graph.input if v.name not in inits)
-        self._outputs = _infos(proto.graph.output)
-        self._meta = ModelMeta({p.key: p.value for p in proto.metadata_props})
+        super().__init__(proto)
         self._torch = torch
         fp16 = os.environ.get("REDACT_TRT_FP16") == "1"
         if fp16:
@@ -136,15 +128,6 @@ class TensorRtSession:
         if plan is None:
             raise RuntimeError("TensorRT could not build an engine for the model")
         return bytes(plan)
-
-    def get_inputs(self) -> list[TensorInfo]:
-        return list(self._inputs)
-
-    def get_outputs(self) -> list[TensorInfo]:
-        return list(self._outputs)
-
-    def get_modelmeta(self) -> ModelMeta:
-        return self._meta
 
     def run(self, output_names: Sequence[str] | None,
             input_feed: dict[str, Any]) -> list[np.ndarray]:

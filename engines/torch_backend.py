@@ -23,13 +23,18 @@ MAX_BATCH = 32
 MAX_WAIT_S = 0.002
 
 
-def available() -> tuple[bool, str]:
-    """Whether this backend can run here, and why not."""
+def available(*modules: str) -> tuple[bool, str]:
+    """Whether this backend (or, with ``modules``, one that also needs them and runs its
+    buffers through torch) can run here, and why not."""
+    import importlib
+
     try:
-        import onnx2torch  # noqa: F401
-        import torch
+        for name in (*modules, "onnx2torch", "torch"):
+            importlib.import_module(name)
     except ImportError as exc:
         return False, f"{exc.name or exc} is not installed"
+    import torch
+
     if not torch.cuda.is_available():
         return False, "torch sees no CUDA GPU"
     return True, ""
@@ -96,24 +101,15 @@ def explicit_same_pads(model: Any) -> Any:
     return model
 
 
-class TorchSession:
-    """An onnxruntime-like session over a torch module on the GPU (thread-safe: runs are
-    serialised, and the BatchedSession around it batches the callers)."""
+class OnnxSignature:
+    """What a GPU session tells the detectors of its model, as onnxruntime's session does:
+    inputs, outputs and metadata, read from the ONNX graph."""
 
-    def __init__(self, model_bytes: bytes, device: str = "cuda") -> None:
-        import onnx
-        import torch
-        from onnx2torch import convert
-
-        proto = onnx.load_from_string(model_bytes)
-        self._inputs = _infos(v for v in proto.graph.input
-                              if v.name not in {i.name for i in proto.graph.initializer})
+    def __init__(self, proto: Any) -> None:
+        inits = {i.name for i in proto.graph.initializer}
+        self._inputs = _infos(v for v in proto.graph.input if v.name not in inits)
         self._outputs = _infos(proto.graph.output)
         self._meta = ModelMeta({p.key: p.value for p in proto.metadata_props})
-        self._torch = torch
-        self._device = torch.device(device)
-        self._module = convert(explicit_same_pads(proto)).eval().to(self._device)
-        self._lock = threading.Lock()
 
     def get_inputs(self) -> list[TensorInfo]:
         return list(self._inputs)
@@ -123,6 +119,23 @@ class TorchSession:
 
     def get_modelmeta(self) -> ModelMeta:
         return self._meta
+
+
+class TorchSession(OnnxSignature):
+    """An onnxruntime-like session over a torch module on the GPU (thread-safe: runs are
+    serialised, and the BatchedSession around it batches the callers)."""
+
+    def __init__(self, model_bytes: bytes, device: str = "cuda") -> None:
+        import onnx
+        import torch
+        from onnx2torch import convert
+
+        proto = onnx.load_from_string(model_bytes)
+        super().__init__(proto)
+        self._torch = torch
+        self._device = torch.device(device)
+        self._module = convert(explicit_same_pads(proto)).eval().to(self._device)
+        self._lock = threading.Lock()
 
     def run(self, output_names: Sequence[str] | None,
             input_feed: dict[str, Any]) -> list[np.ndarray]:
