@@ -108,6 +108,10 @@ def test_stream_lifecycle(client: httpx.Client, key: ApiKeyInfo, camera: Camera,
     assert stats["frames_redacted"] > 0 and stats["output_fps"] > 0
     assert set(stats) >= {"input_fps", "output_fps", "latency_ms_p50", "latency_ms_p95",
                           "frames_redacted", "detector_calls_per_frame", "reconnects", "viewers"}
+    # what runs the stream (auto: the CPU on a machine without a GPU)
+    assert stats["runtime"] == {"device": "cpu", "detector_backend": "onnxruntime (cpu)",
+                                "kernels": "cpu (OpenCV)", "decode": "cpu", "encoder": "libx264"}
+    assert s["device"] == "auto"
     metrics = client.get("/metrics").text
     assert 'redact_stream_status{status="live",stream="gate-1"} 1.0' in metrics
     redacted = [ln for ln in metrics.splitlines()
