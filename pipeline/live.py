@@ -43,7 +43,7 @@ from engines.gpu import describe
 from engines.redact import cover_all, thumbnail
 from engines.registry import Detector
 from pipeline.frame import Frame
-from pipeline.hw import frame_pixels, open_input
+from pipeline.hw import frame_pixels, open_input, video_codec
 from pipeline.live_encode import EncodedPacket, LiveEncoder, PacketSink
 from pipeline.push import PushFeed
 from pipeline.settings import RedactSettings
@@ -361,7 +361,9 @@ class LiveStream:
         s = self.settings
         self._device = s.run_device()
         self._detector = self._factory() if self._factory else s.detector("video")
-        self.stats.runtime.update(describe(self._device), encoder="libx264")
+        self.stats.runtime.update(describe(self._device))
+        if self.encoder is not None:
+            self.stats.runtime["encoder"] = self.encoder.codec
         if self.feed is not None:
             self.stats.runtime["decode"] = "cpu"
         return RedactStage(self._detector, s.style, self.options.period,
@@ -434,7 +436,9 @@ class LiveStream:
         assert self._size is not None
         fps = self._fps or self.options.fps or 30.0
         w, h = self._size
-        self.encoder = LiveEncoder(w, h, fps, bitrate=self.options.bitrate)
+        self.encoder = LiveEncoder(w, h, fps, bitrate=self.options.bitrate,
+                                   codec=video_codec(self._device))
+        self.stats.runtime["encoder"] = self.encoder.codec
         for s in self._sinks:
             self.encoder.add_sink(s)
         placeholder = no_signal_frame(self.encoder.width, self.encoder.height)

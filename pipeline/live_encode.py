@@ -51,12 +51,13 @@ class LiveEncoder:
     """
 
     def __init__(self, width: int, height: int, fps: float = 30.0, gop_s: float = 1.0,
-                 bitrate: int = 4_000_000, preset: str = "ultrafast") -> None:
+                 bitrate: int = 4_000_000, preset: str = "ultrafast",
+                 codec: str = "libx264") -> None:
         self.width, self.height = width - width % 2, height - height % 2
         self.fps = fps
         self._sinks: list[PacketSink] = []
         self._lock = threading.Lock()
-        ctx = av.CodecContext.create("libx264", "w")
+        ctx = av.CodecContext.create(codec, "w")
         assert isinstance(ctx, av.VideoCodecContext)
         ctx.width, ctx.height = self.width, self.height
         ctx.pix_fmt = "yuv420p"
@@ -65,12 +66,18 @@ class LiveEncoder:
         ctx.bit_rate = bitrate
         gop = max(1, round(fps * gop_s))
         ctx.gop_size = gop
-        ctx.options = {"preset": preset, "tune": "zerolatency", "profile": "baseline",
-                       "forced-idr": "1",
-                       "level": "4.0" if self.width * self.height > 1280 * 720 else "3.1",
-                       "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:repeat-headers=1:"
-                                      "sliced-threads=0:threads=1:"
-                                      "annexb=1:bframes=0"}
+        level = "4.0" if self.width * self.height > 1280 * 720 else "3.1"
+        if codec == "libx264":
+            ctx.options = {"preset": preset, "tune": "zerolatency", "profile": "baseline",
+                           "forced-idr": "1", "level": level,
+                           "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:"
+                                          "repeat-headers=1:sliced-threads=0:threads=1:"
+                                          "annexb=1:bframes=0"}
+        else:  # NVENC (pipeline.hw.video_codec): the same stream shape from the GPU's encoder
+            ctx.options = {"preset": "p1", "tune": "ull", "zerolatency": "1",
+                           "profile": "baseline", "level": level, "forced-idr": "1",
+                           "bf": "0", "rc": "cbr"}
+        self.codec = codec
         ctx.open()
         self._ctx = ctx
         self._last_pts = -1
