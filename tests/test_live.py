@@ -87,11 +87,12 @@ class Gateway:
 
     def __init__(self, source: str, factory: Callable[[], Detector] | None = None,
                  options: LiveOptions | None = None, zones: list[list[tuple[float, float]]]
-                 | None = None) -> None:
+                 | None = None, device: str = "auto") -> None:
         self.server = RtspServer(port=0)
         self.mount = self.server.add_mount("out")
         self.stream = LiveStream(
-            "test", source, RedactSettings(("faces",), FILL, zones=tuple(zones or ())),
+            "test", source, RedactSettings(("faces",), FILL, zones=tuple(zones or ()),
+                                           device=device),
             options or LiveOptions(open_timeout_s=2.0, read_timeout_s=2.0, width=320,
                                    height=240),
             sinks=[self.mount.push], detector_factory=factory)
@@ -259,17 +260,27 @@ def test_a_stalled_detector_lets_no_camera_picture_through(camera: Camera) -> No
         gw.close()
 
 
-def test_zones_are_always_covered(camera: Camera) -> None:
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_zones_are_always_covered(camera: Camera, device: str) -> None:
+    """Also with the stream on the cuda device (Numba's CUDA simulator here): frames uploaded
+    as NV12, the zone covered there, the encoder given the frames back."""
+    from engines.gpu import cuda_probe
+
+    if device == "cuda" and not cuda_probe().available:
+        pytest.skip(f"no CUDA device or simulator: {cuda_probe().reason}")
     zone = [(0.0, 0.5), (0.5, 0.5), (0.5, 1.0), (0.0, 1.0)]  # bottom-left quarter, as fractions
     # a detector that finds nothing: what is covered is the zone alone (face boxes, which the
     # tracker grows where the camera's clip loops and the face jumps, would blur the check)
     finds_nothing = Raising(ok_calls=10**9)
-    gw = Gateway(camera.url, factory=lambda: finds_nothing, zones=[zone])
+    gw = Gateway(camera.url, factory=lambda: finds_nothing, zones=[zone], device=device)
     try:
         gw.wait_status(Status.LIVE)
         player = Player(gw.mount.url)
         player.wait_frames(20)
         player.stop()
+        runtime = gw.stream.stats.as_dict()["runtime"]
+        assert runtime["device"] == ("cuda" if device == "cuda" else "cpu")
+        assert runtime["kernels"].startswith("cuda (numba" if device == "cuda" else "cpu")
         for px in camera_frames(player.frames):
             h, w = px.shape[:2]
             assert fill_fraction(px[h // 2 + 4:, :w // 2 - 4], MAGENTA, tol=40) > 0.97
