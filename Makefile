@@ -39,8 +39,9 @@ run: setup
 	@echo "Redact a file without the server:   $(BIN)/redact file INPUT -o OUTPUT"
 	$(BIN)/redact serve
 
+# -rs: the reasons of skipped tests (GPU checks skip on machines without one)
 test: setup lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 lint: setup
 	$(BIN)/ruff check engines pipeline gateway benchmarks tests
