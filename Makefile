@@ -53,7 +53,7 @@ format: setup
 
 EVAL ?= ../shared/eval
 bench-accuracy: setup
-	$(BIN)/python -m benchmarks.accuracy --data $(EVAL)
+	$(BIN)/python -m benchmarks.accuracy --data $(EVAL) --folds 5
 bench-leaks: setup
 	$(BIN)/python -m benchmarks.leaks $(EVAL)/videos/*.mp4 $(EVAL)/bench/*.mp4
 bench-throughput: setup
