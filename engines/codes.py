@@ -67,6 +67,10 @@ BARCODE_LOCATOR_SCORE = 0.5  # OpenCV's decode-free 1-D locator, candidate not r
 # height on each side so that part of the quiet zone and a slightly misplaced corner are
 # covered too (about one module of a 21-module QR code).
 GROW = 0.05
+# A decoded QR code's corners are exact (zxing fits them to the finder patterns and the sampled
+# grid): half a module of a 21-module code covers rounding. A code that fills the frame gains
+# little from a wider margin, and its surroundings lose much.
+QR_DECODED_GROW = 0.025
 # zxing reports a 1-D code read on few scan lines as a thin strip; its box is made at least this
 # share of the code's length thick: EAN/UPC symbols have a fixed shape (bars about 0.6-0.7 as
 # high as the code is long, with the digits), other 1-D codes are often flatter.
@@ -97,7 +101,43 @@ _MIN_ISOTROPY = 0.2
 _FINDER_CROP = 160  # finder patterns are searched in a crop of the blob scaled to this side
 _FINDER_BLOCKS = (8, 16, 32)  # local-threshold windows: the crop's shorter side over these
 _FINDER_OFFSETS = (3, 8)  # grey levels below the local mean that count as dark
+# Finder patterns are never found in texture that is not a QR code (none in some 4000 blobs of
+# photos without codes, at one or more): a blob holding this many is a QR code whatever its other
+# features, and scores at least FINDER_BLOB_SCORE.
+_FINDER_EVIDENCE = 2
+FINDER_BLOB_SCORE = 0.7
+_BIG_BLOB_SHARE = 0.2  # a blob whose box covers this share of its level has its finders counted
+_RECTIFY_MARGIN = 0.08  # share of a blob's outline added on each side before it is rectified
 TEXTURE_THRESHOLD = 0.6  # keep blobs whose QR probability is above this
+
+# --- finder-pattern locator ------------------------------------------------------------------
+# A QR code's three finder patterns (7x7 modules: a dark ring, a light ring, a 3x3 dark core) fix
+# its outline whatever the perspective: each is a convex quadrilateral with nested contours, the
+# lines from the corner pattern to the other two run along its edges, and the code is as many
+# modules across as down. Patterns are searched on a pyramid of halvings, each level for patterns
+# up to ``_FP_MAX_SIDE`` pixels; larger ones are found whole at a coarser level.
+_FP_BLOCK = 31  # adaptive-threshold window (pixels of a level)
+_FP_OFFSET = 8  # grey levels below the local mean that count as dark
+_FP_MIN_SIDE = 7  # a pattern narrower than this (pixels of a level) has modules under a pixel
+_FP_MAX_SIDE = 60
+_FP_MIN_LEVEL_SIDE = 48  # coarsest level: its shorter side stays at least this
+# the ring and the core: areas 49 : 25 : 9 modules, blurred and thresholded
+_FP_HOLE_SHARE = (0.2, 0.8)
+_FP_CORE_RATIO = (2.5, 14.0)
+_FP_CONCENTRIC = 0.15  # centres of ring, hole and core within this share of the pattern's side
+_FP_MIN_EDGE = 0.15  # shortest / longest edge of the pattern's quadrilateral (foreshortening)
+_FP_ALIGN = math.cos(math.radians(18))  # a line between two patterns runs along their edges
+_FP_MIN_TURN = math.cos(math.radians(25))  # the two arms are at least this far from collinear
+_FP_AREA_RATIO = 4.0  # the three patterns' areas (near and far under perspective) within this
+# modules between two patterns' centres: N - 7 for an N-module code (21..177), with slack
+_FP_SPAN = (11.0, 185.0)
+_FP_SQUARE = 0.7  # the module counts along the two arms agree within this ratio
+_FP_GRID_PX = 3  # pixels a module in the rectified code
+_FP_EDGE = 0.3  # a 3x3 grey range over this share of the code's 5-95% range is a module edge
+_FP_CELL_EDGES = 0.3  # share of edge pixels that makes a cell of a 4x4 grid textured
+_FP_MIN_CELLS = 12  # textured cells of 16
+_FP_FIT_TOL = 0.1  # the fitted outline passes this share of the code's size from the patterns
+FINDER_SCORE = 0.9  # three finder patterns in a code's geometry
 
 # --- OpenCV 1-D locator candidates -----------------------------------------------------------
 _BAR_CROP = 480  # a candidate is rectified and enlarged towards this width before zxing reads it
@@ -149,14 +189,15 @@ def _quad_box(quad: np.ndarray, grow: float, min_thickness: float = 0.0) -> np.n
     return np.array([x1 - gw, y1 - gh, x2 + gw, y2 + gh], np.float64)
 
 
-def _merge(xyxy: np.ndarray, score: np.ndarray) -> np.ndarray:
-    """Indices kept by greedy NMS that also treats nested boxes as duplicates.
+def _merge(xyxy: np.ndarray, priority: np.ndarray) -> np.ndarray:
+    """Indices kept by greedy NMS (highest ``priority`` first) that also treats nested boxes as
+    duplicates.
 
-    Of two boxes where one lies mostly inside the other, only the better scored stays: the
+    Of two boxes where one lies mostly inside the other, only the first in priority stays: the
     texture locator finds one code at several pyramid levels, and the coarser levels' boxes
     reach past the code into its surroundings.
     """
-    order = np.argsort(-score, kind="stable")
+    order = np.argsort(-priority, kind="stable")
     keep: list[int] = []
     area = np.maximum((xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1]), 1e-6)
     for i in order:
@@ -185,9 +226,11 @@ class Blob:
     """One texture blob: its quadrilateral in work-image pixels, features and QR probability."""
 
     quad: np.ndarray  # (4, 2) float32
+    outline: np.ndarray | None  # (4, 2) its convex outline as a quadrilateral, when it is one
     level: float  # pyramid scale it was found at
     features: np.ndarray  # (len(_TEXTURE_FEATURES),) float64
     probability: float
+    finders: bool = False  # holds at least ``_FINDER_EVIDENCE`` finder patterns
 
 
 def _count_finders(gray: np.ndarray) -> int:
@@ -300,16 +343,30 @@ def _finders_around(work_gray: np.ndarray, quad: np.ndarray) -> int:
     return min(_count_finders(crop), 3)
 
 
+def _finders_rectified(work_gray: np.ndarray, outline: np.ndarray) -> int:
+    """QR finder patterns in a blob's outline mapped onto a square (with a margin): a code seen
+    at a slant is square again there, and so are its finder patterns (at most 3)."""
+    side = _FINDER_CROP
+    centre = outline.mean(0)
+    src = (centre + (outline - centre) * (1 + 2 * _RECTIFY_MARGIN)).astype(np.float32)
+    dst = np.array([[0, 0], [side, 0], [side, side], [0, side]], np.float32)
+    crop = cv2.warpPerspective(work_gray, cv2.getPerspectiveTransform(src, dst), (side, side),
+                               flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return min(_count_finders(crop), 3)
+
+
 def _blob_features(level_gray: np.ndarray, textured: np.ndarray, density: np.ndarray,
                    labels: np.ndarray, index: int, stats: np.ndarray,
-                   level: float) -> tuple[np.ndarray, np.ndarray] | None:
-    """Quadrilateral (work-image pixels) and features of one blob; the finder count (feature 0)
+                   level: float) -> tuple[np.ndarray, np.ndarray | None, np.ndarray] | None:
+    """Quadrilateral (its minimum-area rectangle), outline (its convex hull as a quadrilateral,
+    or None), both in work-image pixels, and features of one blob; the finder count (feature 0)
     is left at 0 and filled in by the caller when it can change the verdict."""
     x, y, w, h, area = (int(v) for v in stats)
     blob = labels[y:y + h, x:x + w] == index
     contours, _ = cv2.findContours(blob.astype(np.uint8), cv2.RETR_EXTERNAL,
                                    cv2.CHAIN_APPROX_SIMPLE)
-    rect = cv2.minAreaRect(max(contours, key=cv2.contourArea))
+    contour = max(contours, key=cv2.contourArea)
+    rect = cv2.minAreaRect(contour)
     rw, rh = rect[1]
     short = min(rw, rh)
     if not _MIN_BLOB_SIDE <= short <= _MAX_BLOB_SIDE:
@@ -340,11 +397,13 @@ def _blob_features(level_gray: np.ndarray, textured: np.ndarray, density: np.nda
     ring = float(textured[ry1:ry2, rx1:rx2][band].mean()) if band.any() else 1.0
     at_edge = int(x <= 1) + int(y <= 1) + int(x + w >= lw - 1) + int(y + h >= lh - 1)
     quad = ((cv2.boxPoints(rect) + np.array([x, y], np.float32)) / level).astype(np.float32)
+    fitted = _contour_quad(contour)
+    outline = None if fitted is None else ((fitted[0] + [x, y]) / level).astype(np.float32)
     features = np.array([
         0.0, fill, math.log(aspect), float(density[y:y + h, x:x + w][blob].mean()),
         isotropy, ring, math.log(short), float(values.std()) / 50, at_edge, bimodality,
     ], np.float64)
-    return quad, features
+    return quad, outline, features
 
 
 def texture_blobs(work_gray: np.ndarray, threshold: float = TEXTURE_THRESHOLD,
@@ -375,15 +434,271 @@ def texture_blobs(work_gray: np.ndarray, threshold: float = TEXTURE_THRESHOLD,
             found = _blob_features(g, textured, density, labels, i, stats[i, :5], level)
             if found is None:
                 continue
-            quad, features = found
+            quad, outline, features = found
             z = float(features @ _TEXTURE_WEIGHTS + _TEXTURE_BIAS)
-            if all_finders or z_hopeless <= z < z_accept:
-                features[0] = _finders_around(work_gray, quad)
+            # a blob over much of the frame has no quiet zone around it to show: its finder
+            # patterns decide
+            big = stats[i, 2] * stats[i, 3] >= _BIG_BLOB_SHARE * g.shape[0] * g.shape[1]
+            if all_finders or z >= z_hopeless or big:
+                features[0] = (_finders_around(work_gray, quad) if outline is None
+                               else _finders_rectified(work_gray, outline))
                 z += float(features[0] * _TEXTURE_WEIGHTS[0])
-            if (all_finders or z >= z_accept) and _fine_isotropy(work_gray, quad) < _MIN_ISOTROPY:
+            located = features[0] >= _FINDER_EVIDENCE
+            if ((all_finders or z >= z_accept or located)
+                    and _fine_isotropy(work_gray, quad) < _MIN_ISOTROPY):
                 continue  # the bars of a 1-D code
-            out.append(Blob(quad, level, features, 1.0 / (1.0 + math.exp(-max(-50.0, z)))))
+            out.append(Blob(quad, outline, level, features,
+                            1.0 / (1.0 + math.exp(-max(-50.0, z))), located))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# finder-pattern locator
+
+
+@dataclass(frozen=True)
+class FinderPattern:
+    """One finder-pattern candidate in work-image pixels."""
+
+    centre: np.ndarray  # (2,) centre of its core
+    quad: np.ndarray  # (4, 2) its outer quadrilateral, corners in contour order
+    area: float
+
+
+def _contour_quad(contour: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """The convex hull of a contour as a quadrilateral (4, 2) and the hull's area, or None."""
+    hull = cv2.convexHull(contour)
+    perimeter = cv2.arcLength(hull, True)
+    for eps in (0.03, 0.05, 0.08):
+        q = cv2.approxPolyDP(hull, eps * perimeter, True)
+        if len(q) == 4:
+            return q.reshape(4, 2).astype(np.float64), float(cv2.contourArea(hull))
+        if len(q) < 4:
+            return None
+    return None
+
+
+def _centroid(contour: np.ndarray) -> np.ndarray | None:
+    m = cv2.moments(contour)
+    return None if m["m00"] <= 0 else np.array([m["m10"] / m["m00"], m["m01"] / m["m00"]])
+
+
+def _largest_child(contours: Sequence[np.ndarray], hier: np.ndarray,
+                   parent: int) -> tuple[int, float]:
+    best, best_area = -1, 0.0
+    j = int(hier[parent][2])
+    while j >= 0:
+        a = float(cv2.contourArea(contours[j]))
+        if a > best_area:
+            best, best_area = j, a
+        j = int(hier[j][0])
+    return best, best_area
+
+
+def _finders_at_level(gray: np.ndarray, block: int) -> list[FinderPattern]:
+    """Finder-pattern candidates of one pyramid level: a dark convex quadrilateral holding a light
+    hole that holds a dark core, concentric, with the pattern's area ratios."""
+    bw = cv2.adaptiveThreshold(gray, 255, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY_INV,
+                               block, _FP_OFFSET)
+    contours, hierarchy = cv2.findContours(bw, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
+    if hierarchy is None:
+        return []
+    hier = hierarchy[0]
+    out: list[FinderPattern] = []
+    for i in np.flatnonzero(hier[:, 2] >= 0).tolist():
+        outer = contours[i]
+        _, _, w, h = cv2.boundingRect(outer)
+        if not _FP_MIN_SIDE <= max(w, h) <= _FP_MAX_SIDE:
+            continue
+        hole, a_hole = _largest_child(contours, hier, i)
+        if hole < 0:
+            continue
+        core, a_core = _largest_child(contours, hier, hole)
+        a_out = float(cv2.contourArea(outer))
+        if (core < 0 or a_core <= 0 or a_out <= 0
+                or not _FP_HOLE_SHARE[0] < a_hole / a_out < _FP_HOLE_SHARE[1]
+                or not _FP_CORE_RATIO[0] < a_out / a_core < _FP_CORE_RATIO[1]):
+            continue
+        fitted = _contour_quad(outer)
+        if fitted is None:
+            continue
+        quad, a_hull = fitted
+        a_quad = float(cv2.contourArea(quad.astype(np.float32)))
+        if a_out < 0.85 * a_hull or not 0.8 < a_out / max(a_quad, 1.0) < 1.25:
+            continue
+        edges = np.hypot(*(np.roll(quad, -1, 0) - quad).T)
+        if edges.min() < _FP_MIN_EDGE * edges.max():
+            continue
+        c_out, c_hole, c_core = (_centroid(outer), _centroid(contours[hole]),
+                                 _centroid(contours[core]))
+        if c_out is None or c_hole is None or c_core is None:
+            continue
+        tol = _FP_CONCENTRIC * math.sqrt(a_out)
+        if np.hypot(*(c_out - c_core)) > tol or np.hypot(*(c_out - c_hole)) > tol:
+            continue
+        out.append(FinderPattern(c_core, quad, a_out))
+    return out
+
+
+def finder_patterns(work_gray: np.ndarray) -> list[FinderPattern]:
+    """Finder-pattern candidates of a grey image on a pyramid of halvings, in work-image pixels,
+    duplicates across levels dropped."""
+    levels: list[float] = []
+    level = 1.0
+    while min(work_gray.shape) * level >= _FP_MIN_LEVEL_SIDE:
+        levels.append(level)
+        level /= 2
+    found: list[FinderPattern] = []
+    for level in levels:
+        if level == 1.0:
+            g = work_gray
+        else:
+            g = cv2.resize(work_gray, None, fx=level, fy=level, interpolation=cv2.INTER_AREA)
+        for fp in _finders_at_level(g, _FP_BLOCK):
+            fp = FinderPattern(fp.centre / level, fp.quad / level, fp.area / level ** 2)
+            if all(np.hypot(*(fp.centre - o.centre)) > 0.3 * math.sqrt(min(fp.area, o.area))
+                   for o in found):
+                found.append(fp)
+    return found
+
+
+def _edge_axes(quad: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two edge directions of a quadrilateral (unit vectors, each from a pair of opposite
+    edges) and the mean length of each pair."""
+    e = np.roll(quad, -1, 0) - quad
+    lengths = np.hypot(e[:, 0], e[:, 1])
+    u, w = e[0] - e[2], e[1] - e[3]
+    u = u / max(float(np.hypot(*u)), 1e-9)
+    w = w / max(float(np.hypot(*w)), 1e-9)
+    return u, w, np.array([(lengths[0] + lengths[2]) / 2, (lengths[1] + lengths[3]) / 2])
+
+
+def _side_along(axes: tuple[np.ndarray, np.ndarray, np.ndarray], d: np.ndarray) -> float:
+    """The pattern's side along unit direction ``d`` (the pair of edges nearest to it)."""
+    u, w, sides = axes
+    return float(sides[0] if abs(d @ u) >= abs(d @ w) else sides[1])
+
+
+def _aligned(axes: tuple[np.ndarray, np.ndarray, np.ndarray], d: np.ndarray) -> int:
+    """0 or 1: which edge direction of a pattern ``d`` runs along, -1 for neither."""
+    cu, cw = abs(float(d @ axes[0])), abs(float(d @ axes[1]))
+    if max(cu, cw) < _FP_ALIGN:
+        return -1
+    return 0 if cu >= cw else 1
+
+
+def finder_codes(work_gray: np.ndarray, patterns: Sequence[FinderPattern]) -> list[np.ndarray]:
+    """Codes made of three finder patterns, each as its four corners (4, 2) in order around it,
+    kept where modules fill that outline."""
+    n = len(patterns)
+    axes = [_edge_axes(p.quad) for p in patterns]
+    triples: list[tuple[float, int, int, int, float]] = []
+    for b in range(n):
+        for i in range(n):
+            if i == b or not 1 / _FP_AREA_RATIO < patterns[i].area / patterns[b].area \
+                    < _FP_AREA_RATIO:
+                continue
+            arm1 = patterns[i].centre - patterns[b].centre
+            d1 = float(np.hypot(*arm1))
+            if d1 == 0:
+                continue
+            v1 = arm1 / d1
+            along1 = _aligned(axes[b], v1)
+            if along1 < 0 or _aligned(axes[i], v1) < 0:
+                continue
+            n1 = 14 * d1 / (_side_along(axes[b], v1) + _side_along(axes[i], v1))
+            if not _FP_SPAN[0] <= n1 <= _FP_SPAN[1]:
+                continue
+            for k in range(i + 1, n):
+                if k == b or not 1 / _FP_AREA_RATIO < patterns[k].area / patterns[b].area \
+                        < _FP_AREA_RATIO:
+                    continue
+                arm2 = patterns[k].centre - patterns[b].centre
+                d2 = float(np.hypot(*arm2))
+                if d2 == 0:
+                    continue
+                v2 = arm2 / d2
+                if (abs(float(v1 @ v2)) > _FP_MIN_TURN or _aligned(axes[b], v2) != 1 - along1
+                        or _aligned(axes[k], v2) < 0):
+                    continue
+                n2 = 14 * d2 / (_side_along(axes[b], v2) + _side_along(axes[k], v2))
+                if (not _FP_SPAN[0] <= n2 <= _FP_SPAN[1]
+                        or not _FP_SQUARE < n1 / n2 < 1 / _FP_SQUARE):
+                    continue
+                err = (2 - abs(float(v1 @ axes[b][along1])) - abs(float(v2 @ axes[b][1 - along1]))
+                       + abs(math.log(n1 / n2)))
+                triples.append((err, b, i, k, (n1 + n2) / 2 + 7))
+    triples.sort()
+    used: set[int] = set()
+    codes: list[np.ndarray] = []
+    for _, b, i, k, modules in triples:
+        if {b, i, k} & used:
+            continue
+        quad = _code_outline(patterns[b], patterns[i], patterns[k], modules)
+        if not _fills_square(work_gray, quad, modules):
+            continue
+        used |= {b, i, k}
+        codes.append(quad)
+    return codes
+
+
+def _fills_square(work_gray: np.ndarray, outline: np.ndarray, modules: float) -> bool:
+    """Whether modules fill a code's outline (4, 2), corners in order around it: mapped onto a
+    square of about ``_FP_GRID_PX`` pixels a module, nearly every cell of a 4x4 grid is mostly
+    module edges (a QR code's modules spread over its whole square; a logo in the middle may
+    blank a few cells). Three finder-like patterns of different objects enclose plain surfaces
+    and a few straight edges."""
+    cell = int(min(max(math.ceil(modules * _FP_GRID_PX / 4), 12), 60))
+    side = 4 * cell
+    dst = np.array([[0, 0], [side, 0], [side, side], [0, side]], np.float32)
+    patch = cv2.warpPerspective(work_gray, cv2.getPerspectiveTransform(
+        outline.astype(np.float32), dst), (side, side), flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE)
+    lo, hi = np.percentile(patch, (5, 95))
+    if hi - lo < _RANGE_ABS:
+        return False
+    k = np.ones((3, 3), np.uint8)
+    edges = cv2.subtract(cv2.dilate(patch, k), cv2.erode(patch, k)) > _FP_EDGE * (hi - lo)
+    cells = edges.reshape(4, cell, 4, cell).mean(axis=(1, 3))
+    return int((cells >= _FP_CELL_EDGES).sum()) >= _FP_MIN_CELLS
+
+
+def _code_outline(corner: FinderPattern, p1: FinderPattern, p2: FinderPattern,
+                  modules: float) -> np.ndarray:
+    """A code's corners (4, 2), in order around it from the corner of ``corner`` (the pattern at
+    the right angle), from its three finder patterns: the homography that takes the patterns'
+    twelve corners to their places in an ``modules``-wide module grid maps the grid's corners
+    into the image (under perspective the fourth corner is not a parallelogram's; that is the
+    fallback where the fit fails)."""
+    n = float(modules)
+    ex = p1.centre - corner.centre
+    ey = p2.centre - corner.centre
+    basis = np.array([ex, ey]).T
+    grid_pts: list[np.ndarray] = []
+    image_pts: list[np.ndarray] = []
+    for fp, (gx, gy) in ((corner, (3.5, 3.5)), (p1, (n - 3.5, 3.5)), (p2, (3.5, n - 3.5))):
+        # which side of the pattern's centre each corner lies on, along the code's two axes
+        side = np.sign(np.linalg.solve(basis, (fp.quad - fp.centre).T).T)
+        grid_pts.append(np.array([gx, gy]) + 3.5 * side)
+        image_pts.append(fp.quad)
+    src = np.concatenate(grid_pts).astype(np.float32)
+    dst = np.concatenate(image_pts).astype(np.float32)
+    c0 = corner.quad[np.argmax(np.hypot(*(corner.quad - (p1.centre + p2.centre) / 2).T))]
+    c1 = p1.quad[np.argmax(np.hypot(*(p1.quad - p2.centre).T))]
+    c2 = p2.quad[np.argmax(np.hypot(*(p2.quad - p1.centre).T))]
+    fallback = np.array([c0, c1, c1 + c2 - c0, c2], np.float64)
+    if len({tuple(g) for g in src.tolist()}) < 12:
+        return fallback  # a pattern's corners did not fall one in each quadrant
+    h, _ = cv2.findHomography(src, dst, 0)
+    if h is None:
+        return fallback
+    grid = np.array([[[0, 0]], [[n, 0]], [[n, n]], [[0, n]]], np.float32)
+    quad = cv2.perspectiveTransform(grid, h).reshape(4, 2).astype(np.float64)
+    size = float(np.hypot(*(c1 - c0)) + np.hypot(*(c2 - c0)))
+    if (not np.isfinite(quad).all() or not cv2.isContourConvex(quad.astype(np.float32))
+            or np.hypot(*(quad[[0, 1, 3]] - [c0, c1, c2]).T).max() > _FP_FIT_TOL * size):
+        return fallback
+    return quad
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,7 +791,7 @@ def _union_overlapping(xyxy: np.ndarray) -> np.ndarray:
     return out
 
 
-METHODS: tuple[str, ...] = ("zxing", "zxing_2x", "texture", "cv_barcode")
+METHODS: tuple[str, ...] = ("zxing", "zxing_2x", "texture", "finder", "cv_barcode")
 
 
 class CodeDetector:
@@ -486,11 +801,13 @@ class CodeDetector:
     scaled down to this longer side first. ``upscale_small``: frames whose longer side is at most
     1024 px after that are also read at 2x. ``threads``: above 1, the passes run concurrently on
     up to that many threads (zxing-cpp and OpenCV release the GIL); 0 or 1 runs them in turn.
-    ``grow``: share of a decoded code's width/height added on each side of its box.
+    ``grow``: share of a decoded code's width/height added on each side of its box (default:
+    ``QR_DECODED_GROW`` for a decoded QR code, ``GROW`` for every other symbol and for QR codes
+    located but not read).
     """
 
     def __init__(self, categories: Sequence[str] = CATEGORIES, max_side: int = 1920,
-                 upscale_small: bool = True, threads: int = 0, grow: float = GROW,
+                 upscale_small: bool = True, threads: int = 0, grow: float | None = None,
                  texture_threshold: float = TEXTURE_THRESHOLD,
                  methods: Sequence[str] = METHODS) -> None:
         wanted = tuple(dict.fromkeys(categories))
@@ -502,7 +819,7 @@ class CodeDetector:
             raise ValueError(f"max_side {max_side} is below 64 pixels")
         if threads < 0:
             raise ValueError(f"threads {threads} is negative")
-        if not 0.0 <= grow <= 0.5:
+        if grow is not None and not 0.0 <= grow <= 0.5:
             raise ValueError(f"grow {grow} is outside [0, 0.5]")
         if not 0.0 < texture_threshold < 1.0:
             raise ValueError(f"texture threshold {texture_threshold} is outside (0, 1)")
@@ -510,7 +827,7 @@ class CodeDetector:
         self.max_side = int(max_side)
         self.upscale_small = bool(upscale_small)
         self.threads = int(threads)
-        self.grow = float(grow)
+        self.grow = None if grow is None else float(grow)
         self.texture_threshold = float(texture_threshold)
         self.methods = tuple(methods)
         want_qr = QR_CATEGORY in self.categories
@@ -548,6 +865,8 @@ class CodeDetector:
             passes.append(lambda: self._zxing(gray, 2.0))
         if "texture" in self.methods and QR_CATEGORY in self.categories:
             passes.append(lambda: self._texture(gray))
+        if "finder" in self.methods and QR_CATEGORY in self.categories:
+            passes.append(lambda: self._finder(gray))
         if "cv_barcode" in self.methods and BARCODE_CATEGORY in self.categories:
             passes.append(lambda: self._cv_barcode(gray))
         if self.threads > 1 and len(passes) > 1:
@@ -564,6 +883,10 @@ class CodeDetector:
         category = np.array([c for fd in found for c in fd.categories])
         method = np.array([m for fd in found for m in fd.method])
         ok = (xyxy[:, 2] - xyxy[:, 0] >= 1) & (xyxy[:, 3] - xyxy[:, 1] >= 1)
+        # a code's outline (read, or fixed by its three finder patterns) goes before the boxes
+        # of texture blobs, which may hold only part of a large code
+        outline = (score >= DECODED_SCORE) | (method == "finder")
+        priority = score + outline.astype(np.float32)
         # a QR-category box on a code that was decoded as a barcode (Data Matrix, PDF417, a
         # dense 1-D code the texture locator took for a QR code) is that barcode
         decoded_bar = ok & (category == BARCODE_CATEGORY) & (score >= DECODED_SCORE)
@@ -577,7 +900,7 @@ class CodeDetector:
                 # saw: the union of the two covers the code
                 xyxy[idx] = _union_overlapping(xyxy[idx])
             if idx.size:
-                keep_all.append(idx[_merge(xyxy[idx], score[idx])])
+                keep_all.append(idx[_merge(xyxy[idx], priority[idx])])
         keep = np.sort(np.concatenate(keep_all)) if keep_all else np.zeros(0, np.int64)
         return (Detections(xyxy[keep].astype(np.float32), score[keep],
                            category[keep].astype("<U16")),
@@ -609,7 +932,9 @@ class CodeDetector:
                 continue
             thick = (EAN_UPC_MIN_THICKNESS if fmt in _EAN_UPC_FORMATS
                      else LINEAR_MIN_THICKNESS if fmt in _LINEAR_FORMATS else 0.0)
-            out.add(_quad_box(quad / scale, self.grow, thick),
+            grow = (self.grow if self.grow is not None
+                    else QR_DECODED_GROW if is_qr and decoded else GROW)
+            out.add(_quad_box(quad / scale, grow, thick),
                     DECODED_SCORE if decoded else UNDECODED_QR_SCORE,
                     QR_CATEGORY if is_qr else BARCODE_CATEGORY, method)
         return out
@@ -617,9 +942,17 @@ class CodeDetector:
     def _texture(self, gray: np.ndarray) -> _Found:
         out = _Found([], [], [], [])
         for blob in texture_blobs(gray, self.texture_threshold):
-            if blob.probability > self.texture_threshold:
+            if blob.probability > self.texture_threshold or blob.finders:
                 # the blob mask already reaches past the code's edge: no growth
-                out.add(_quad_box(blob.quad, 0.0), blob.probability, QR_CATEGORY, "texture")
+                score = max(blob.probability, FINDER_BLOB_SCORE if blob.finders else 0.0)
+                out.add(_quad_box(blob.quad, 0.0), score, QR_CATEGORY, "texture")
+        return out
+
+    def _finder(self, gray: np.ndarray) -> _Found:
+        out = _Found([], [], [], [])
+        for quad in finder_codes(gray, finder_patterns(gray)):
+            out.add(_quad_box(quad, GROW if self.grow is None else self.grow), FINDER_SCORE,
+                    QR_CATEGORY, "finder")
         return out
 
     def _cv_barcode(self, gray: np.ndarray) -> _Found:
@@ -644,5 +977,6 @@ class CodeDetector:
                 score = BARCODE_LOCATOR_SCORE
             else:
                 continue
-            out.add(_quad_box(quad, self.grow), score, BARCODE_CATEGORY, "cv_barcode")
+            out.add(_quad_box(quad, GROW if self.grow is None else self.grow), score,
+                    BARCODE_CATEGORY, "cv_barcode")
         return out
