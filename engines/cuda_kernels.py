@@ -22,14 +22,18 @@ launch per step, whatever the number of boxes:
 What each rectangle gets is decided on the host, by the CPU code's own rules
 (:func:`engines.redact._scaled_rects` for the grown rectangles and the border cut, the same small
 sizes as ``_blurred`` and ``_pixelated``, :func:`engines.redact._ellipse_mask` for the ellipse),
-and passed to the kernels as small tables. The ellipse goes as one run of columns per row, taken
-from ``_ellipse_mask`` itself rather than recomputed per pixel in float32 on the device (where
-NVVM may fuse its multiply-adds and move an edge pixel). On a BGR frame the result is within one
-grey level of :func:`engines.redact.redact_boxes` (pixelate and fill came out equal in every test),
-pixels outside every rectangle untouched to the bit. On NV12 the luma plane gets what the CPU
-kernel gives it as a 1-channel image (within one grey level); the chroma plane gets the luma
-rectangle halved and rounded outward, a chroma pixel being inside the ellipse when one of its four
-luma pixels is.
+and passed to the kernels as small tables, uploaded in one copy into device memory each thread
+reuses. The ellipse goes as one run of columns per row, worked out on the host with
+``_ellipse_mask``'s own float32 arithmetic rather than per pixel on the device (where NVVM may
+fuse its multiply-adds and move an edge pixel). The host's share is kept small: what a rectangle
+gets is planned once per size, corner parity, shape and method and kept, so a call only looks
+its rectangles up and adds their offsets, a few dozen numpy calls whatever their number.
+
+On a BGR frame the result is within one grey level of :func:`engines.redact.redact_boxes`
+(pixelate and fill came out equal in every test), pixels outside every rectangle untouched to the
+bit. On NV12 the luma plane gets what the CPU kernel gives it as a 1-channel image (within one
+grey level); the chroma plane gets the luma rectangle halved and rounded outward, a chroma pixel
+being inside the ellipse when one of its four luma pixels is.
 
 Parity with OpenCV, step by step: the area downscale repeats OpenCV's arithmetic (its fractional
 weight tables and float32 sums, and its integer paths for whole scale factors), so the small
@@ -42,9 +46,10 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 import cv2
 import numpy as np
@@ -61,7 +66,6 @@ from engines.redact import (
     Shape,
     Style,
     _cpu_cover_zone,
-    _ellipse_mask,
     _scaled_rects,
 )
 
@@ -706,19 +710,6 @@ def _area_tab(ssize: int, dsize: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return out
 
 
-@lru_cache(maxsize=512)
-def _ellipse_spans(w: int, h: int) -> np.ndarray:
-    """Per row of a w x h rectangle, the columns ``[start, end)`` of
-    :func:`engines.redact._ellipse_mask` (each row of it is one run)."""
-    mask = _ellipse_mask(w, h)[:, :, 0]
-    any_ = mask.any(1)
-    start = np.where(any_, mask.argmax(1), 0)
-    end = np.where(any_, w - mask[:, ::-1].argmax(1), 0)
-    spans = np.stack([start, end], 1).astype(np.int32)
-    spans.flags.writeable = False
-    return spans
-
-
 def _small_size(method: int, w: int, h: int) -> tuple[int, int]:
     """The small image of ``_blurred`` / ``_pixelated`` (Python's own round and ceil)."""
     if method == _BLUR:
@@ -730,22 +721,197 @@ def _small_size(method: int, w: int, h: int) -> tuple[int, int]:
     return 0, 0
 
 
-@dataclass(frozen=True)
-class _Job:
-    """One rectangle of one plane."""
+# What each rectangle gets is planned once per shape and kept: the runs of its rows (per size
+# and shape), each plane's row of the rectangle table with its area-weight tables (per plane
+# size and method), and the rectangle's block, every plane's part together (per size, parity,
+# shape and method). A call looks its rectangles' blocks up and adds their offsets, a few
+# numpy calls for all of them; a face whose box grows or moves by a pixel mostly finds its
+# pieces made already.
 
-    plane: int
-    x1: int
-    y1: int
-    w: int
-    h: int
-    channels: int
-    method: int
-    sw: int
-    sh: int
-    gauss: bool
-    spans: np.ndarray  # (h, 2) absolute plane columns [start, end) per row
-    fill: tuple[int, ...]
+
+@lru_cache(maxsize=1024)
+def _squares(n: int, count: int) -> np.ndarray:
+    """:func:`engines.redact._ellipse_mask`'s squared float32 coordinates of the first
+    ``count`` of ``n`` pixels."""
+    v = (np.arange(count, dtype=np.float32) + 0.5 - n / 2) / (n / 2 + 0.5)
+    out = v**2
+    out.flags.writeable = False
+    return out
+
+
+@lru_cache(maxsize=2048)
+def _starts(w: int, h: int, ellipse: bool) -> np.ndarray:
+    """(h,) int32, per row of a w x h rectangle: the first column it covers, ``(w + 1) // 2``
+    where it covers none; the row covers ``[start, w - start)``.
+
+    The ellipse is :func:`engines.redact._ellipse_mask`'s, with its float32 arithmetic on the
+    left half of the columns: column x and column w - 1 - x get the same float32 value
+    (x + 0.5 - w/2 is exact and only changes sign) and the test is monotonic in
+    |x + 0.5 - w/2| (so is each float32 rounding), so each row is one symmetric run, and the
+    rows nearer the middle hold the runs of the rows farther out."""
+    if not ellipse:
+        out = np.zeros(h, np.int32)
+    else:
+        half = (w + 1) // 2
+        inside = (_squares(h, h)[:, None] + _squares(w, half)[None, :]) <= 1.0
+        out = (half - np.count_nonzero(inside, axis=1)).astype(np.int32)
+    out.flags.writeable = False
+    return out
+
+
+@lru_cache(maxsize=2048)
+def _luma_runs(w: int, h: int, ellipse: bool) -> np.ndarray:
+    """(h, 3) int32, per row of a w x h rectangle: the columns ``[start, end)`` it covers,
+    from the rectangle's left (an ellipse's empty row: 0, 0), and 1 (the row moves with the
+    rectangle)."""
+    start = _starts(w, h, ellipse)
+    out = np.ones((h, 3), np.int32)
+    out[:, 0] = start
+    np.subtract(w, start, out=out[:, 1])
+    empty = start >= (w + 1) // 2
+    if empty.any():
+        out[empty, :2] = 0
+    out.flags.writeable = False
+    return out
+
+
+def _chroma_runs(w: int, h: int, xp: int, yp: int, ellipse: bool) -> np.ndarray:
+    """The rows of a plane subsampled by 2 for a w x h frame rectangle whose corner has
+    parity (xp, yp): (rows, 3) int32, per row the columns ``[start, end)`` from the halved
+    rectangle's left (x1 // 2), 0, 0 where the row covers nothing, and 1 where it covers
+    something (the row moves with the rectangle).
+
+    The rectangle halved and rounded outward; a chroma row covers, from the first to the last
+    column, the runs of the luma rows it covers (a run may be empty in a very elongated
+    ellipse's end rows), halved and rounded outward: the run of the luma row nearer the
+    middle."""
+    n = (yp + h + 1) // 2
+    out = np.ones((n, 3), np.int32)
+    if not ellipse:
+        out[:, 0] = 0
+        out[:, 1] = (xp + w + 1) // 2
+        return out
+    start = _starts(w, h, True)
+    # chroma row r: luma rows 2r - yp and 2r - yp + 1, inside the rectangle
+    rows = np.concatenate([start[:1], start, start[-1:]])
+    first = np.minimum(rows[1 - yp : 1 - yp + 2 * n : 2], rows[2 - yp : 2 - yp + 2 * n : 2])
+    np.right_shift(first + xp, 1, out=out[:, 0])
+    np.right_shift((w + xp + 1) - first, 1, out=out[:, 1])
+    empty = first >= (w + 1) // 2
+    if empty.any():
+        out[empty] = 0
+    return out
+
+
+_NO_INT32 = np.zeros(0, np.int32)
+_NO_INT32.flags.writeable = False
+_NO_FLOAT32 = np.zeros(0, np.float32)
+_NO_FLOAT32.flags.writeable = False
+
+# columns of a part's counts (int64): summed over the parts before it, they give its offsets
+_N_SMALL = 0  # small-image pixels
+_N_BIG = 1  # rectangle pixels
+_N_ROWS = 2  # span rows
+_N_BYTES = 3  # small-image bytes
+_N_STARTS = 4  # weight-table starts
+_N_ENTRIES = 5  # weight-table entries
+_HAS_SMALL = 6  # 1: _SOFF is the small-image bytes before it (not a fill)
+_HAS_TABS = 7  # 1: _AX and _AY count from the weight-table starts before it
+
+
+class _Part(NamedTuple):
+    """One plane's rectangle: its row of the rectangle table, with ``_X1``, ``_Y1``,
+    ``_SPAN``, ``_SOFF`` at 0 and ``_AX``, ``_AY`` counted from its own weight tables."""
+
+    rt: np.ndarray  # (1, _NCOL) int32
+    counts: np.ndarray  # (1, 8) int64: the _N_* and _HAS_* columns
+    rf: np.ndarray  # (1, 2) float64
+    tab_start: np.ndarray  # int32, counted from its own first entry
+    tab_src: np.ndarray  # int32
+    tab_alpha: np.ndarray  # float32
+
+
+def _frozen(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    for arr in arrays:
+        arr.flags.writeable = False
+    return arrays
+
+
+@lru_cache(maxsize=4096)
+def _part(plane: int, w: int, h: int, ch: int, method: int, sw: int, sh: int,
+          gauss: bool) -> _Part:
+    """The plane rectangle's row: small image ``sw`` x ``sh`` and OpenCV's area path for it."""
+    row = [0] * _NCOL
+    row[_PLANE], row[_W], row[_H], row[_CH], row[_METHOD] = plane, w, h, ch, method
+    counts = [0, w * h, h, 0, 0, 0, 0, 0]
+    rf = (0.0, 0.0)
+    tabs: tuple[np.ndarray, ...] = (_NO_INT32, _NO_INT32, _NO_FLOAT32)
+    if method != _FILL:
+        row[_SW], row[_SH], row[_GAUSS] = sw, sh, int(gauss)
+        counts[_N_SMALL], counts[_N_BYTES], counts[_HAS_SMALL] = sw * sh, sw * sh * ch, 1
+        rf = (1.0 / (w / sw), 1.0 / (h / sh))
+        # OpenCV's choice of area path (cv::resize: is_area_fast, and the 2x2 shortcut)
+        scale_x, scale_y = 1.0 / (sw / w), 1.0 / (sh / h)
+        ix, iy = round(scale_x), round(scale_y)
+        if abs(scale_x - ix) < _DBL_EPSILON and abs(scale_y - iy) < _DBL_EPSILON:
+            two = ix == 2 and iy == 2 and ch in (1, 3, 4)
+            row[_AREA], row[_IX], row[_IY] = _AREA_2X2 if two else _AREA_INT, ix, iy
+        else:
+            xs, xsrc, xalpha = _area_tab(w, sw)
+            ys, ysrc, yalpha = _area_tab(h, sh)
+            row[_AREA], row[_AX], row[_AY] = _AREA_GENERAL, 0, len(xs)
+            tabs = _frozen(np.concatenate([xs, ys + np.int32(len(xsrc))]),
+                           np.concatenate([xsrc, ysrc]), np.concatenate([xalpha, yalpha]))
+            counts[_N_STARTS], counts[_N_ENTRIES] = len(tabs[0]), len(tabs[1])
+            counts[_HAS_TABS] = 1
+    rt, cnt, rfa = _frozen(np.array([row], np.int32), np.array([counts], np.int64),
+                           np.array([rf], np.float64))
+    return _Part(rt, cnt, rfa, *tabs)
+
+
+class _Block(NamedTuple):
+    """Every plane's part of one rectangle, and the runs of their rows."""
+
+    rt: np.ndarray  # (planes, _NCOL) int32
+    counts: np.ndarray  # (planes, 8) int64
+    rf: np.ndarray  # (planes, 2) float64
+    spans: np.ndarray  # (rows, 3) int32, as _luma_runs gives them
+    tab_start: np.ndarray  # int32, each part's counted from its own first entry
+    tab_src: np.ndarray
+    tab_alpha: np.ndarray
+
+
+def _block(parts: list[_Part], runs: list[np.ndarray]) -> _Block:
+    if len(parts) == 1:
+        return _Block(*parts[0][:3], runs[0], *parts[0][3:])
+    with_tabs = [p for p in parts if len(p.tab_start)]
+    if not with_tabs:
+        tabs: tuple[np.ndarray, ...] = (_NO_INT32, _NO_INT32, _NO_FLOAT32)
+    elif len(with_tabs) == 1:
+        tabs = with_tabs[0][3:]
+    else:
+        tabs = _frozen(*(np.concatenate([p[i] for p in with_tabs]) for i in (3, 4, 5)))
+    rt, counts, rf, spans = _frozen(*(np.concatenate([p[i] for p in parts]) for i in (0, 1, 2)),
+                                    np.concatenate(runs))
+    return _Block(rt, counts, rf, spans, *tabs)
+
+
+def _rect_block(kinds: tuple[tuple[int, int], ...], w: int, h: int, xp: int, yp: int,
+                ellipse: bool, method: int) -> _Block:
+    """The block of a w x h rectangle whose corner has parity (xp, yp), on planes of
+    ``kinds`` (channels, subsampling 1 or 2)."""
+    parts, runs = [], []
+    for plane, (ch, sub) in enumerate(kinds):
+        if sub == 1:
+            pw, ph = w, h
+            runs.append(_luma_runs(w, h, ellipse))
+        else:
+            pw, ph = (xp + w + 1) // 2, (yp + h + 1) // 2
+            runs.append(_chroma_runs(w, h, xp, yp, ellipse))
+        sw, sh = _small_size(method, pw, ph)
+        parts.append(_part(plane, pw, ph, ch, method, sw, sh,
+                           method == _BLUR and sw >= 3 and sh >= 3))
+    return _block(parts, runs)
 
 
 @dataclass(frozen=True)
@@ -754,123 +920,223 @@ class _Plan:
     rf: np.ndarray  # (n, 2) float64: nearest ratios
     cum_small: np.ndarray  # (n + 1,) int64 prefix sums of small-image pixels
     cum_big: np.ndarray  # (n + 1,) int64 prefix sums of rectangle pixels
-    spans: np.ndarray  # (rows, 2) int32
-    tab_start: np.ndarray
-    tab_src: np.ndarray
-    tab_alpha: np.ndarray
+    spans: np.ndarray  # (rows, 2) int32: per row of each rectangle, plane columns [start, end)
+    tab_start: np.ndarray  # int32
+    tab_src: np.ndarray  # int32
+    tab_alpha: np.ndarray  # float32
     small_size: int
 
 
-def _build_plan(jobs: list[_Job]) -> _Plan:
-    n = len(jobs)
-    rt = np.zeros((n, _NCOL), np.int32)
-    rf = np.zeros((n, 2), np.float64)
-    starts: list[np.ndarray] = []
-    srcs: list[np.ndarray] = []
-    alphas: list[np.ndarray] = []
-    n_start = n_entries = 0
-    soff = 0
-    span_rows = 0
-    for i, j in enumerate(jobs):
-        row = rt[i]
-        row[[_PLANE, _X1, _Y1, _W, _H, _CH, _METHOD]] = (
-            j.plane, j.x1, j.y1, j.w, j.h, j.channels, j.method)
-        row[_SPAN] = span_rows
-        span_rows += j.h
-        row[_FILL0 : _FILL0 + len(j.fill)] = j.fill
-        if j.method == _FILL:
-            continue
-        row[[_SW, _SH, _GAUSS, _SOFF]] = j.sw, j.sh, int(j.gauss), soff
-        soff += j.sw * j.sh * j.channels
-        rf[i] = 1.0 / (j.w / j.sw), 1.0 / (j.h / j.sh)
-        # OpenCV's choice of area path (cv::resize: is_area_fast, and the 2x2 shortcut)
-        scale_x, scale_y = 1.0 / (j.sw / j.w), 1.0 / (j.sh / j.h)
-        ix, iy = round(scale_x), round(scale_y)
-        if abs(scale_x - ix) < _DBL_EPSILON and abs(scale_y - iy) < _DBL_EPSILON:
-            two = ix == 2 and iy == 2 and j.channels in (1, 3, 4)
-            row[[_AREA, _IX, _IY]] = _AREA_2X2 if two else _AREA_INT, ix, iy
-            continue
-        row[_AREA] = _AREA_GENERAL
-        for col, (ss, ds) in ((_AX, (j.w, j.sw)), (_AY, (j.h, j.sh))):
-            st, src, alpha = _area_tab(ss, ds)
-            row[col] = n_start
-            starts.append(st + n_entries)
-            srcs.append(src)
-            alphas.append(alpha)
-            n_start += len(st)
-            n_entries += len(src)
-    small = np.where(rt[:, _METHOD] == _FILL, 0,
-                     rt[:, _SW].astype(np.int64) * rt[:, _SH])
-    big = rt[:, _W].astype(np.int64) * rt[:, _H]
-    spans = (np.concatenate([j.spans for j in jobs]).astype(np.int32) if jobs
-             else np.zeros((0, 2), np.int32))
-    return _Plan(
-        rt, rf,
-        np.concatenate([[0], np.cumsum(small)]).astype(np.int64),
-        np.concatenate([[0], np.cumsum(big)]).astype(np.int64),
-        spans,
-        np.concatenate(starts) if starts else np.zeros(0, np.int32),
-        np.concatenate(srcs) if srcs else np.zeros(0, np.int32),
-        np.concatenate(alphas) if alphas else np.zeros(0, np.float32),
-        soff)
+def _assemble(blocks: list[_Block], shifts: np.ndarray, x1: np.ndarray, y1: np.ndarray,
+              fills: np.ndarray) -> _Plan:
+    """The tables of rectangles made of their blocks, in order: each block's planes at its
+    frame corner (x1, y1) shifted right by the planes' ``shifts`` (log2 of the subsampling),
+    each part after the parts before it (rows, small images, weight tables)."""
+    n, n_planes = len(blocks), len(shifts)
+    rt = np.concatenate([b.rt for b in blocks])
+    counts = np.concatenate([b.counts for b in blocks])
+    cum = np.zeros((len(rt) + 1, 6), np.int64)
+    np.cumsum(counts[:, :6], 0, out=cum[1:])
+    before = cum[:-1]
+    rt3 = rt.reshape(n, n_planes, _NCOL)
+    px = x1[:, None] >> shifts
+    rt3[:, :, _X1] = px
+    rt3[:, :, _Y1] = y1[:, None] >> shifts
+    rt3[:, :, _FILL0 : _FILL0 + 3] = fills
+    rt[:, _SPAN] = before[:, _N_ROWS]
+    rt[:, _SOFF] = before[:, _N_BYTES] * counts[:, _HAS_SMALL]
+    spans3 = np.concatenate([b.spans for b in blocks])
+    move = np.repeat(px.ravel(), counts[:, _N_ROWS]) * spans3[:, 2]
+    spans = np.empty((len(spans3), 2), np.int32)
+    np.add(spans3[:, 0], move, out=spans[:, 0], casting="unsafe")  # column by column: numpy
+    np.add(spans3[:, 1], move, out=spans[:, 1], casting="unsafe")  # is slow on rows of two
+    tab_start, tab_src, tab_alpha = _NO_INT32, _NO_INT32, _NO_FLOAT32
+    if cum[-1, _N_STARTS]:
+        first = before[:, _N_STARTS] * counts[:, _HAS_TABS]
+        rt[:, _AX] += first
+        rt[:, _AY] += first
+        tab_start = np.concatenate([b.tab_start for b in blocks])
+        tab_start += np.repeat(before[:, _N_ENTRIES], counts[:, _N_STARTS]).astype(np.int32)
+        tab_src = np.concatenate([b.tab_src for b in blocks])
+        tab_alpha = np.concatenate([b.tab_alpha for b in blocks])
+    return _Plan(rt, np.concatenate([b.rf for b in blocks]), cum[:, _N_SMALL],
+                 cum[:, _N_BIG], spans, tab_start, tab_src, tab_alpha,
+                 int(cum[-1, _N_BYTES]))
 
 
-def _plane_fills(layout: str, bgr: tuple[int, int, int]) -> list[tuple[int, ...]]:
+@lru_cache(maxsize=256)
+def _plane_fills(layout: str, bgr: tuple[int, int, int]) -> np.ndarray:
+    """(planes, 3) int64: each plane's fill value, channel by channel (zeros past its
+    channels)."""
     if layout == "bgr":
-        return [tuple(int(v) for v in bgr)]
-    y, u, v = _bgr_fill_to_yuv(bgr)
-    return [(y,), (u, v)]
+        out = np.array([[int(v) for v in bgr]], np.int64)
+    else:
+        y, u, v = _bgr_fill_to_yuv(bgr)
+        out = np.array([[y, 0, 0], [u, v, 0]], np.int64)
+    out.flags.writeable = False
+    return out
 
 
-def _jobs_for_rects(image: DeviceImage, rects: np.ndarray, ellipse: np.ndarray,
-                    methods: list[int], fills: list[tuple[int, int, int]]) -> list[_Job]:
-    """Every plane's rectangle for every frame rectangle (x1, y1, x2, y2 luma pixels).
+@lru_cache(maxsize=16)
+def _shifts(kinds: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """log2 of each plane's subsampling."""
+    out = np.array([sub.bit_length() - 1 for _, sub in kinds], np.int64)
+    out.flags.writeable = False
+    return out
+
+
+# the blocks of each plane layout ((channels, subsampling) of each plane), by
+# (w, h, x-parity, y-parity, ellipse, method); read without the lock (dict reads are atomic)
+_BLOCKS: dict[tuple[tuple[int, int], ...], dict[tuple[int, ...], _Block]] = {}
+_BLOCKS_LOCK = threading.Lock()
+_BLOCKS_MAX = 2048  # per plane layout (a block is a few kB)
+
+
+def _plan(dims: list[tuple[int, int, int, int]], rects: np.ndarray, ellipse: np.ndarray,
+          methods: np.ndarray, fills: np.ndarray) -> _Plan | None:
+    """The tables for every plane's rectangle of every frame rectangle (x1, y1, x2, y2 luma
+    pixels, inside the frame), rectangle by rectangle, plane by plane; None when there is
+    none. ``dims``: (rows, columns, channels, subsampling 1 or 2) of each plane; ``ellipse``
+    and ``methods`` one entry per rectangle; ``fills`` (n, planes, 3) each plane's fill value
+    (or what broadcasts to it).
 
     A plane subsampled by 2 gets the rectangle halved and rounded outward; its pixel is in the
     ellipse when one of the luma pixels it covers is (so no colour is left around the covered
     luma)."""
-    jobs: list[_Job] = []
-    for k, (x1, y1, x2, y2) in enumerate(np.asarray(rects, np.int64).reshape(-1, 4).tolist()):
-        w, h = x2 - x1, y2 - y1
-        if w <= 0 or h <= 0:
-            continue
-        if ellipse[k]:
-            luma = _ellipse_spans(w, h) + np.int32(x1)
-        else:
-            luma = np.tile(np.array([[x1, x2]], np.int32), (h, 1))
-        for p, ((arr, sub), fill) in enumerate(zip(image.planes,
-                                                   _plane_fills(image.layout, fills[k]),
-                                                   strict=True)):
-            ph, pw, ch = (int(s) for s in arr.shape)
-            if sub == 1:
-                px1, py1, px2, py2 = x1, y1, x2, y2
-                spans = luma
-            else:
-                px1, py1 = x1 // sub, y1 // sub
-                px2, py2 = min(-(-x2 // sub), pw), min(-(-y2 // sub), ph)
-                rows = np.arange(py1, py2)
-                # the luma rows of each chroma row, inside the rectangle; the union of their
-                # runs (a run may be empty in a very elongated ellipse's end rows)
-                lo = np.full(len(rows), x2, np.int64)
-                hi = np.full(len(rows), x1, np.int64)
-                for dy in range(sub):
-                    ly = np.clip(rows * sub + dy, y1, y2 - 1) - y1
-                    run = luma[ly].astype(np.int64)
-                    full = run[:, 1] > run[:, 0]
-                    lo = np.where(full, np.minimum(lo, run[:, 0]), lo)
-                    hi = np.where(full, np.maximum(hi, run[:, 1]), hi)
-                spans = np.stack([lo // sub, -(-hi // sub)], 1).astype(np.int32)
-                spans[hi <= lo] = 0
-            pwid, phei = px2 - px1, py2 - py1
-            if pwid <= 0 or phei <= 0:
-                continue
-            sw, sh = _small_size(methods[k], pwid, phei)
-            jobs.append(_Job(p, px1, py1, pwid, phei, ch, methods[k], sw, sh,
-                             methods[k] == _BLUR and sw >= 3 and sh >= 3, spans, fill))
-    return jobs
+    r = np.asarray(rects, np.int64).reshape(-1, 4)
+    x1, y1 = r[:, 0], r[:, 1]
+    w, h = r[:, 2] - x1, r[:, 3] - y1
+    keep = (w > 0) & (h > 0)
+    if not keep.all():
+        r, x1, y1, w, h = r[keep], x1[keep], y1[keep], w[keep], h[keep]
+        ellipse, methods = np.asarray(ellipse)[keep], np.asarray(methods)[keep]
+        fills = np.broadcast_to(fills, (len(keep), len(dims), 3))[keep]
+    if not len(r):
+        return None
+    if r.min() < 0 or r[:, 2].max() > dims[0][1] or r[:, 3].max() > dims[0][0]:
+        raise ValueError(f"rectangles past the {dims[0][1]}x{dims[0][0]} frame")
+    kinds = tuple((ch, sub) for _, _, ch, sub in dims)
+    if len(kinds) > 1:
+        xp, yp = (x1 & 1).tolist(), (y1 & 1).tolist()
+    else:
+        xp = yp = [0] * len(r)
+    keys = list(zip(w.tolist(), h.tolist(), xp, yp, np.asarray(ellipse, bool).tolist(),
+                    np.asarray(methods).tolist(), strict=True))
+    cache = _BLOCKS.get(kinds)
+    if cache is None:
+        cache = _BLOCKS.setdefault(kinds, {})
+    found = [cache.get(key) for key in keys]
+    if None in found:
+        new = {key: _rect_block(kinds, *key)
+               for key, b in zip(keys, found, strict=True) if b is None}
+        with _BLOCKS_LOCK:
+            while cache and len(cache) + len(new) > _BLOCKS_MAX:
+                cache.pop(next(iter(cache)), None)  # the oldest first
+            cache.update(new)
+        found = [new[key] if b is None else b for key, b in zip(keys, found, strict=True)]
+    return _assemble(cast(list[_Block], found), _shifts(kinds), x1, y1, fills)
 
 
-def _run_jobs(image: DeviceImage, jobs: list[_Job]) -> None:
+# --------------------------------------------------------------------------------------------
+# host side: device memory reused from call to call
+
+
+_ALIGN = 256  # bytes between the starts of the tables in the upload buffer
+_TABLES = ("cum_small", "cum_big", "rf", "rt", "spans", "tab_start", "tab_src", "tab_alpha")
+
+
+class _Scratch(threading.local):
+    """The device memory a thread's calls reuse: one buffer for the tables of a call, filled
+    by ONE copy from a host buffer of the same layout, and the two small-image buffers; each
+    grown (never shrunk) when a call needs more.
+
+    One per thread, so two threads never share one. Within a thread, the copy of a call and its
+    launches go to the thread's stream in order (a pageable host-to-device copy also waits for
+    the work before it), so a call's copy only overwrites the tables once the previous call's
+    kernels are done with them. The kernels read only the rows the tables point to, so what a
+    larger earlier call left past them does not matter."""
+
+    def __init__(self) -> None:
+        self.caps = (0, 0, 0, 0)  # jobs, span rows, weight-table starts, weight-table entries
+        self.host = np.zeros(0, np.uint8)
+        self.dev: Any = None
+        self.offsets: dict[str, int] = {}
+        self.host_views: dict[str, np.ndarray] = {}
+        self.dev_views: dict[str, Any] = {}
+        self.rt_views: dict[int, Any] = {}
+        self.small_cap = 0
+        self.small: Any = None
+        self.smooth: Any = None
+        self.constants: dict[tuple[int, ...], tuple[Any, ...]] = {}
+
+    def _grow(self, need: tuple[int, int, int, int]) -> None:
+        jobs, rows, starts, entries = (max(c, n + n // 2, low) for c, n, low in
+                                       zip(self.caps, need, (64, 4096, 512, 4096),
+                                           strict=True))
+        # in _TABLES' order: the weight tables (none for fills) last
+        segments = (("cum_small", np.int64, (jobs + 1,)), ("cum_big", np.int64, (jobs + 1,)),
+                    ("rf", np.float64, (jobs, 2)), ("rt", np.int32, (jobs, _NCOL)),
+                    ("spans", np.int32, (rows, 2)), ("tab_start", np.int32, (starts,)),
+                    ("tab_src", np.int32, (entries,)), ("tab_alpha", np.float32, (entries,)))
+        offset = 0
+        spots = []
+        for name, dtype, shape in segments:
+            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            spots.append((name, dtype, shape, offset, nbytes))
+            offset += -(-nbytes // _ALIGN) * _ALIGN
+        self.host = np.zeros(offset, np.uint8)
+        self.dev = _Host.device_array(offset, np.uint8)
+        self.offsets = {}
+        self.host_views = {}
+        self.dev_views = {}
+        self.rt_views = {}
+        for name, dtype, shape, start, nbytes in spots:
+            self.offsets[name] = start
+            self.host_views[name] = self.host[start : start + nbytes].view(dtype).reshape(shape)
+            self.dev_views[name] = self.dev[start : start + nbytes].view(dtype).reshape(shape)
+        self.caps = (jobs, rows, starts, entries)
+
+    def upload(self, plan: _Plan) -> dict[str, Any]:
+        """The plan's tables on the device (one copy); ``rt`` has exactly the plan's rows."""
+        n = len(plan.rt)
+        need = (n, len(plan.spans), len(plan.tab_start), len(plan.tab_src))
+        if any(a > c for a, c in zip(need, self.caps, strict=True)):
+            self._grow(need)
+        end = 0
+        for name in _TABLES:
+            arr = getattr(plan, name)
+            if len(arr):
+                self.host_views[name][: len(arr)] = arr
+                end = self.offsets[name] + arr.nbytes
+        self.dev[:end].copy_to_device(self.host[:end])  # up to the last table used
+        rt = self.rt_views.get(n)
+        if rt is None:
+            rt = self.rt_views[n] = self.dev_views["rt"][:n]
+        return {**self.dev_views, "rt": rt}
+
+    def small_images(self, size: int) -> tuple[Any, Any]:
+        """The small images and their smoothed copies, at least ``size`` bytes each."""
+        if size > self.small_cap:
+            self.small_cap = max(size + size // 2, 1 << 16)
+            self.small = _Host.device_array(self.small_cap, np.uint8)
+            self.smooth = _Host.device_array(self.small_cap, np.uint8)
+        return self.small, self.smooth
+
+    def constant(self, key: tuple[int, ...],
+                 make: Callable[[], tuple[np.ndarray, ...]]) -> tuple[Any, ...]:
+        """Device copies of small tables no kernel writes, kept for the last few keys."""
+        got = self.constants.get(key)
+        if got is None:
+            if len(self.constants) >= 8:
+                self.constants.pop(next(iter(self.constants)))
+            got = self.constants[key] = tuple(_upload(arr) for arr in make())
+        return got
+
+
+_SCRATCH = _Scratch()
+
+
+def _run_plan(image: DeviceImage, plan: _Plan | None) -> None:
     """Three launches at most, whatever the number of rectangles: downscale every smoothed
     rectangle, smooth every small image, write every rectangle back.
 
@@ -878,24 +1144,33 @@ def _run_jobs(image: DeviceImage, jobs: list[_Job]) -> None:
     rectangles overlap a pixel gets the value of one of the rectangles that cover it (each pixel
     of each rectangle is covered), where the CPU covers them one after another and a later box
     smooths what an earlier one left."""
-    if not jobs:
+    if plan is None:
         return
-    plan = _build_plan(jobs)
+    scratch = _SCRATCH
+    tabs = scratch.upload(plan)
     p0 = image.planes[0][0]
     p1 = image.planes[1][0] if len(image.planes) > 1 else p0
-    rt, cum_big = _upload(plan.rt), _upload(plan.cum_big)
+    small, smooth = scratch.small_images(max(plan.small_size, 1))
     if plan.small_size:
-        small = _Host.device_array(plan.small_size, np.uint8)
-        smooth = _Host.device_array(plan.small_size, np.uint8)
-        cum_small = _upload(plan.cum_small)
         n_small = int(plan.cum_small[-1])
-        _launch(_downscale_kernel, n_small, p0, p1, rt, cum_small, _upload(plan.tab_start),
-                _upload(plan.tab_src), _upload(plan.tab_alpha), small)
-        _launch(_gauss_kernel, n_small, rt, cum_small, small, smooth)
-    else:
-        smooth = _Host.device_array(1, np.uint8)
-    _launch(_write_kernel, int(plan.cum_big[-1]), p0, p1, rt, _upload(plan.rf), cum_big,
-            _upload(plan.spans), smooth)
+        _launch(_downscale_kernel, n_small, p0, p1, tabs["rt"], tabs["cum_small"],
+                tabs["tab_start"], tabs["tab_src"], tabs["tab_alpha"], small)
+        _launch(_gauss_kernel, n_small, tabs["rt"], tabs["cum_small"], small, smooth)
+    _launch(_write_kernel, int(plan.cum_big[-1]), p0, p1, tabs["rt"], tabs["rf"],
+            tabs["cum_big"], tabs["spans"], smooth)
+
+
+def _plane_dims(image: DeviceImage) -> list[tuple[int, int, int, int]]:
+    return [(int(arr.shape[0]), int(arr.shape[1]), int(arr.shape[2]), int(sub))
+            for arr, sub in image.planes]
+
+
+def _rects_plan(image: DeviceImage, rects: np.ndarray, ellipse: np.ndarray,
+                methods: np.ndarray, fills_bgr: list[tuple[int, int, int]]) -> _Plan | None:
+    """:func:`_plan` for a frame: ``fills_bgr`` one BGR colour per rectangle."""
+    fills = (np.stack([_plane_fills(image.layout, tuple(int(v) for v in f)) for f in fills_bgr])
+             if len(fills_bgr) else np.zeros((0, len(image.planes), 3), np.int64))
+    return _plan(_plane_dims(image), rects, ellipse, methods, fills)
 
 
 def _style_rects(image: DeviceImage, xyxy: np.ndarray, style: Style,
@@ -915,12 +1190,20 @@ def _redact_groups(image: DeviceImage,
         rects, ellipse = _style_rects(image, xyxy, style, uncertain)
         all_rects.append(rects)
         ellipses.append(ellipse)
-        methods += [_METHOD_CODE[style.method]] * len(rects)
-        fills += [style.fill_bgr] * len(rects)
+        methods.append(np.full(len(rects), _METHOD_CODE[style.method], np.int64))
+        fills.append(_plane_fills(image.layout, tuple(int(v) for v in style.fill_bgr)))
     if not all_rects:
         return np.zeros((0, 4), np.int32)
-    rects = np.concatenate(all_rects).astype(np.int32)
-    _run_jobs(image, _jobs_for_rects(image, rects, np.concatenate(ellipses), methods, fills))
+    if len(all_rects) == 1:
+        rects = np.asarray(all_rects[0], np.int32)
+        plan = _plan(_plane_dims(image), rects, ellipses[0], methods[0], fills[0])
+    else:
+        rects = np.concatenate(all_rects).astype(np.int32)
+        plan = _plan(_plane_dims(image), rects, np.concatenate(ellipses),
+                     np.concatenate(methods),
+                     np.concatenate([np.broadcast_to(f, (len(r), *f.shape))
+                                     for f, r in zip(fills, all_rects, strict=True)]))
+    _run_plan(image, plan)
     return rects
 
 
@@ -958,8 +1241,8 @@ class CudaKernels:
         rectangle blurred or pixelated (``engines.redact._cpu_cover_all``)."""
         whole = np.array([[0, 0, image.width, image.height]], np.int32)
         method = _METHOD_CODE[style.method]
-        _run_jobs(image, _jobs_for_rects(image, whole, np.zeros(1, bool), [method],
-                                         [style.fill_bgr]))
+        _run_plan(image, _rects_plan(image, whole, np.zeros(1, bool),
+                                     np.array([method]), [style.fill_bgr]))
 
     @staticmethod
     def cover_zone(image: DeviceImage, polygon: np.ndarray, style: Style) -> None:
@@ -1028,19 +1311,20 @@ class CudaKernels:
         width, height = int(width), int(height)
         if any(width > arr.shape[1] or height > arr.shape[0] for arr, _ in image.planes):
             return cv2.resize(image.to_bgr(), (width, height), interpolation=cv2.INTER_AREA)
-        jobs = []
-        for p, (arr, _sub) in enumerate(image.planes):
-            ph, pw, ch = (int(s) for s in arr.shape)
-            spans = np.tile(np.array([[0, pw]], np.int32), (ph, 1))
-            jobs.append(_Job(p, 0, 0, pw, ph, ch, _BLUR, width, height, False, spans, ()))
-        plan = _build_plan(jobs)
+        dims = _plane_dims(image)
+        parts = [_part(p, pw, ph, ch, _BLUR, width, height, False)
+                 for p, (ph, pw, ch, _sub) in enumerate(dims)]
+        runs = [np.tile(np.array([[0, pw, 1]], np.int32), (ph, 1)) for ph, pw, _ch, _sub in dims]
+        zero = np.zeros(1, np.int64)
+        plan = _assemble([_block(parts, runs)], np.zeros(len(dims), np.int64), zero, zero,
+                         np.zeros(3, np.int64))
         p0 = image.planes[0][0]
         p1 = image.planes[1][0] if len(image.planes) > 1 else p0
-        small = _Host.device_array(plan.small_size, np.uint8)
-        _launch(_downscale_kernel, int(plan.cum_small[-1]), p0, p1, _upload(plan.rt),
-                _upload(plan.cum_small), _upload(plan.tab_start), _upload(plan.tab_src),
-                _upload(plan.tab_alpha), small)
-        host = small.copy_to_host()
+        tabs = _SCRATCH.upload(plan)
+        small = _SCRATCH.small_images(plan.small_size)[0]
+        _launch(_downscale_kernel, int(plan.cum_small[-1]), p0, p1, tabs["rt"],
+                tabs["cum_small"], tabs["tab_start"], tabs["tab_src"], tabs["tab_alpha"], small)
+        host = small[: plan.small_size].copy_to_host()
         if image.layout == "bgr":
             return host.reshape(height, width, 3)
         n = width * height
@@ -1081,17 +1365,17 @@ def letterbox_planar(image: DeviceImage, out_w: int, out_h: int, scale_w: float,
     nw, nh = max(1, round(w * scale_w)), max(1, round(h * scale_h))
     if (nw, nh) == (w, h):
         mode = 0
-        tabs = (np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.float32))
     elif scale_w > 1 or scale_h > 1:
         mode = 1
-        tabs = (np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.float32))
     else:
         mode = 2
-        tabs = _letterbox_tabs(w, h, nw, nh)
+    tabs = _SCRATCH.constant((w, h, nw, nh) if mode == 2 else (),
+                             lambda: _letterbox_tabs(w, h, nw, nh) if mode == 2 else (
+                                 np.zeros(1, np.int32), np.zeros(1, np.int32),
+                                 np.zeros(1, np.float32)))
     out = _Host.device_array((1, 3, int(out_h), int(out_w)), np.float32)
     p0 = image.planes[0][0]
     p1 = image.planes[1][0] if len(image.planes) > 1 else p0
     _launch(_letterbox_kernel, int(out_w) * int(out_h), p0, p1, int(image.layout == "nv12"),
-            w, h, nw, nh, mode, _upload(tabs[0]), _upload(tabs[1]), _upload(tabs[2]),
-            np.float32(pad), out)
+            w, h, nw, nh, mode, *tabs, np.float32(pad), out)
     return out

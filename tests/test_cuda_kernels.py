@@ -6,7 +6,9 @@ The simulator runs every GPU thread as Python, so frames are small (at most 96x6
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,8 @@ from engines.arrays import _KERNELS  # noqa: E402
 from engines.detections import Detections, Origin  # noqa: E402
 from engines.faces import _letterbox  # noqa: E402
 from engines.redact import (  # noqa: E402
+    BLUR_SAMPLES_ACROSS,
+    PIXELATE_CELLS_ACROSS,
     Method,
     Shape,
     Style,
@@ -129,9 +133,10 @@ def test_every_area_path_is_reached() -> None:
     seen = set()
     for method in (Method.BLUR, Method.PIXELATE):
         rects, ellipse = ck._style_rects(image, SIZES, Style(method, Shape.BOX, 1.0), None)
-        jobs = ck._jobs_for_rects(image, rects, ellipse, [ck._METHOD_CODE[method]] * len(rects),
-                                  [FILL] * len(rects))
-        seen |= set(ck._build_plan(jobs).rt[:, ck._AREA].tolist())
+        plan = ck._rects_plan(image, rects, ellipse,
+                              np.full(len(rects), ck._METHOD_CODE[method]), [FILL] * len(rects))
+        assert plan is not None
+        seen |= set(plan.rt[:, ck._AREA].tolist())
     assert seen == {ck._AREA_GENERAL, ck._AREA_INT, ck._AREA_2X2}
 
 
@@ -420,3 +425,250 @@ def test_letterbox_planar_matches_the_faces_preprocessing(layout: str, scale: fl
 
 def test_cuda_kernels_are_registered() -> None:
     assert isinstance(_KERNELS["cuda"], ck.CudaKernels)
+
+
+# --------------------------------------------------------------------------------------------
+# the host-side planner against the straightforward one it replaced (one rectangle at a time)
+
+
+def reference_ellipse_spans(w: int, h: int) -> np.ndarray:
+    mask = _ellipse_mask(w, h)[:, :, 0]
+    any_ = mask.any(1)
+    start = np.where(any_, mask.argmax(1), 0)
+    end = np.where(any_, w - mask[:, ::-1].argmax(1), 0)
+    return np.stack([start, end], 1).astype(np.int32)
+
+
+def reference_small_size(method: int, w: int, h: int) -> tuple[int, int]:
+    if method == ck._BLUR:
+        cell = max(1.0, min(w, h) / BLUR_SAMPLES_ACROSS)
+        return max(1, round(w / cell)), max(1, round(h / cell))
+    if method == ck._PIXELATE:
+        cell = max(2.0, min(w, h) / PIXELATE_CELLS_ACROSS)
+        return max(1, math.ceil(w / cell)), max(1, math.ceil(h / cell))
+    return 0, 0
+
+
+def reference_plan(image: ck.DeviceImage, rects: np.ndarray, ellipse: np.ndarray,
+                   methods: list[int], fills: list[tuple[int, int, int]]) -> dict[str, Any]:
+    """The tables of every plane's rectangle for every frame rectangle, built one rectangle and
+    one plane at a time (the planner's first version)."""
+    jobs = []
+    for k, (x1, y1, x2, y2) in enumerate(np.asarray(rects, np.int64).reshape(-1, 4).tolist()):
+        w, h = x2 - x1, y2 - y1
+        if w <= 0 or h <= 0:
+            continue
+        if ellipse[k]:
+            luma = reference_ellipse_spans(w, h) + np.int32(x1)
+        else:
+            luma = np.tile(np.array([[x1, x2]], np.int32), (h, 1))
+        if image.layout == "bgr":
+            plane_fills: list[tuple[int, ...]] = [tuple(fills[k])]
+        else:
+            y, u, v = yuv_of(fills[k])
+            plane_fills = [(y,), (u, v)]
+        for p, ((arr, sub), fill) in enumerate(zip(image.planes, plane_fills, strict=True)):
+            ph, pw, ch = (int(s) for s in arr.shape)
+            if sub == 1:
+                px1, py1, px2, py2 = x1, y1, x2, y2
+                spans = luma
+            else:
+                px1, py1 = x1 // sub, y1 // sub
+                px2, py2 = min(-(-x2 // sub), pw), min(-(-y2 // sub), ph)
+                rows = np.arange(py1, py2)
+                lo = np.full(len(rows), x2, np.int64)
+                hi = np.full(len(rows), x1, np.int64)
+                for dy in range(sub):
+                    ly = np.clip(rows * sub + dy, y1, y2 - 1) - y1
+                    run = luma[ly].astype(np.int64)
+                    full = run[:, 1] > run[:, 0]
+                    lo = np.where(full, np.minimum(lo, run[:, 0]), lo)
+                    hi = np.where(full, np.maximum(hi, run[:, 1]), hi)
+                spans = np.stack([lo // sub, -(-hi // sub)], 1).astype(np.int32)
+                spans[hi <= lo] = 0
+            pwid, phei = px2 - px1, py2 - py1
+            if pwid <= 0 or phei <= 0:
+                continue
+            sw, sh = reference_small_size(methods[k], pwid, phei)
+            jobs.append((p, px1, py1, pwid, phei, ch, methods[k], sw, sh,
+                         methods[k] == ck._BLUR and sw >= 3 and sh >= 3, spans, fill))
+    n = len(jobs)
+    rt = np.zeros((n, ck._NCOL), np.int32)
+    rf = np.zeros((n, 2), np.float64)
+    starts, srcs, alphas = [], [], []
+    n_start = n_entries = soff = span_rows = 0
+    for i, (p, x1, y1, w, h, ch, method, sw, sh, gauss, _spans, fill) in enumerate(jobs):
+        row = rt[i]
+        row[[ck._PLANE, ck._X1, ck._Y1, ck._W, ck._H, ck._CH, ck._METHOD]] = (
+            p, x1, y1, w, h, ch, method)
+        row[ck._SPAN] = span_rows
+        span_rows += h
+        row[ck._FILL0 : ck._FILL0 + len(fill)] = fill
+        if method == ck._FILL:
+            continue
+        row[[ck._SW, ck._SH, ck._GAUSS, ck._SOFF]] = sw, sh, int(gauss), soff
+        soff += sw * sh * ch
+        rf[i] = 1.0 / (w / sw), 1.0 / (h / sh)
+        scale_x, scale_y = 1.0 / (sw / w), 1.0 / (sh / h)
+        ix, iy = round(scale_x), round(scale_y)
+        if abs(scale_x - ix) < ck._DBL_EPSILON and abs(scale_y - iy) < ck._DBL_EPSILON:
+            two = ix == 2 and iy == 2 and ch in (1, 3, 4)
+            row[[ck._AREA, ck._IX, ck._IY]] = ck._AREA_2X2 if two else ck._AREA_INT, ix, iy
+            continue
+        row[ck._AREA] = ck._AREA_GENERAL
+        for col, (ss, ds) in ((ck._AX, (w, sw)), (ck._AY, (h, sh))):
+            st, src, alpha = ck._area_tab(ss, ds)
+            row[col] = n_start
+            starts.append(st + n_entries)
+            srcs.append(src)
+            alphas.append(alpha)
+            n_start += len(st)
+            n_entries += len(src)
+    small = np.where(rt[:, ck._METHOD] == ck._FILL, 0,
+                     rt[:, ck._SW].astype(np.int64) * rt[:, ck._SH])
+    big = rt[:, ck._W].astype(np.int64) * rt[:, ck._H]
+    return {
+        "rt": rt, "rf": rf,
+        "cum_small": np.concatenate([[0], np.cumsum(small)]).astype(np.int64),
+        "cum_big": np.concatenate([[0], np.cumsum(big)]).astype(np.int64),
+        "spans": (np.concatenate([j[10] for j in jobs]).astype(np.int32) if jobs
+                  else np.zeros((0, 2), np.int32)),
+        "tab_start": np.concatenate(starts) if starts else np.zeros(0, np.int32),
+        "tab_src": np.concatenate(srcs) if srcs else np.zeros(0, np.int32),
+        "tab_alpha": np.concatenate(alphas) if alphas else np.zeros(0, np.float32),
+        "small_size": soff,
+    }
+
+
+def test_ellipse_runs_are_the_mask_rows() -> None:
+    """Counting the covered columns of each row's left half gives every row of
+    ``_ellipse_mask`` exactly."""
+    rng = np.random.default_rng(21)
+    sizes = [(w, h) for w in range(1, 80) for h in range(1, 80)]
+    sizes += [(int(a), int(b)) for a, b in rng.integers(80, 700, (60, 2))]
+    sizes += [(1920, 1080), (1080, 1920), (1000, 3), (3, 1000), (2, 999), (999, 2)]
+    for w, h in sizes:
+        ck._starts.cache_clear()
+        runs = ck._luma_runs.__wrapped__(w, h, True)
+        assert np.array_equal(runs[:, :2], reference_ellipse_spans(w, h)), (w, h)
+        assert (runs[:, 2] == 1).all()
+
+
+def plan_case(seed: int, layout: str, width: int, height: int,
+              n: int) -> tuple[ck.DeviceImage, np.ndarray, np.ndarray, np.ndarray, list[Any]]:
+    rng = np.random.default_rng(seed)
+    image = ck.DeviceImage.from_bgr(np.zeros((height, width, 3), np.uint8), layout)
+    side = rng.integers(1, max(2, min(width, height) // 3), (n, 2))
+    x1 = rng.integers(-side[:, 0] // 2, width)
+    y1 = rng.integers(-side[:, 1] // 2, height)
+    rects = np.stack([x1, y1, x1 + side[:, 0], y1 + side[:, 1]], 1)
+    rects = np.clip(rects, 0, [width, height, width, height])
+    empty = rng.random(n) < 0.1
+    rects[empty, 2] = rects[empty, 0]
+    ellipse = rng.random(n) < 0.7
+    methods = rng.integers(0, 3, n)
+    palette = [(0, 0, 0), FILL, (255, 255, 255)]
+    fills = [palette[i] for i in rng.integers(0, 3, n)]
+    return image, rects.astype(np.int32), ellipse, methods, fills
+
+
+def same_plan(plan: ck._Plan | None, want: dict[str, Any]) -> None:
+    if plan is None:
+        assert len(want["rt"]) == 0
+        return
+    for name, ref in want.items():
+        got = getattr(plan, name)
+        if name == "small_size":
+            assert got == ref
+            continue
+        assert got.dtype == ref.dtype, (name, got.dtype, ref.dtype)
+        assert np.array_equal(got, ref), name
+
+
+@pytest.mark.parametrize(("layout", "width", "height"),
+                         [("nv12", 1920, 1080), ("nv12", 96, 64), ("bgr", 97, 63),
+                          ("bgr", 640, 480)])
+def test_planned_tables_are_the_one_rectangle_at_a_time_ones(layout: str, width: int,
+                                                             height: int) -> None:
+    """Tables made of per-shape blocks (new ones, then the same shapes elsewhere in the frame)
+    are the tables the one-rectangle-at-a-time planner gave."""
+    ck._BLOCKS.clear()
+    for cached in (ck._squares, ck._starts, ck._luma_runs, ck._part):
+        cached.cache_clear()
+    rng = np.random.default_rng(5)
+    for seed in range(12):
+        image, rects, ellipse, methods, fills = plan_case(seed, layout, width, height,
+                                                          1 + seed * 3)
+        want = reference_plan(image, rects, ellipse, methods.tolist(), fills)
+        same_plan(ck._rects_plan(image, rects, ellipse, methods, fills), want)
+        same_plan(ck._rects_plan(image, rects, ellipse, methods, fills), want)
+        # the same shapes moved by whole chroma pixels where they stay in the frame, and moved
+        # by one pixel (another parity); order reversed
+        for move in (2, 1):
+            shift = rng.integers(-2, 3, (len(rects), 2)) * move
+            moved = rects + np.tile(shift, 2)
+            inside = ((moved[:, :2] >= 0) & (moved[:, 2:] <= [width, height])).all(1)
+            moved = np.where(inside[:, None], moved, rects)[::-1].astype(np.int32)
+            args = (ellipse[::-1], methods[::-1], fills[::-1])
+            want = reference_plan(image, moved, args[0], args[1].tolist(), args[2])
+            same_plan(ck._rects_plan(image, moved, *args), want)
+    # rectangles come clipped to the frame (engines.redact._scaled_rects)
+    image, rects, ellipse, methods, fills = plan_case(1, layout, width, height, 4)
+    rects[0] = [width - 5, height - 7, width + 3, height + 1]
+    with pytest.raises(ValueError, match="past the"):
+        ck._rects_plan(image, rects, ellipse, methods, fills)
+
+
+def test_block_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ck, "_BLOCKS_MAX", 10)
+    ck._BLOCKS.clear()
+    for seed in range(4):
+        image, rects, ellipse, methods, fills = plan_case(seed, "nv12", 96, 64, 8)
+        same_plan(ck._rects_plan(image, rects, ellipse, methods, fills),
+                  reference_plan(image, rects, ellipse, methods.tolist(), fills))
+        assert all(len(c) <= 10 for c in ck._BLOCKS.values())
+    ck._BLOCKS.clear()
+
+
+def test_uploaded_tables_are_the_plan() -> None:
+    """The one-copy upload puts every table where the kernels read it, in a buffer grown for a
+    larger call and whatever an earlier, larger call left in it."""
+    image, rects, ellipse, methods, fills = plan_case(3, "nv12", 640, 480, 30)
+    big = ck._rects_plan(image, rects, ellipse, methods, fills)
+    small = ck._rects_plan(image, rects[:4], ellipse[:4], methods[:4], fills[:4])
+    assert big is not None and small is not None
+    scratch = ck._Scratch()
+    for plan in (small, big, small):
+        tabs = scratch.upload(plan)
+        n = len(plan.rt)
+        assert tabs["rt"].shape == (n, ck._NCOL)
+        assert np.array_equal(tabs["rt"].copy_to_host(), plan.rt)
+        for name in ("cum_small", "cum_big"):
+            assert np.array_equal(tabs[name].copy_to_host()[: n + 1], getattr(plan, name))
+        assert np.array_equal(tabs["rf"].copy_to_host()[:n], plan.rf)
+        for name in ("spans", "tab_start", "tab_src", "tab_alpha"):
+            ref = getattr(plan, name)
+            assert np.array_equal(tabs[name].copy_to_host()[: len(ref)], ref), name
+
+
+def test_threads_at_once_each_get_their_own_tables() -> None:
+    """Calls from several threads at once (a server's streams) plan, upload and launch into
+    their own reused device buffers: each frame comes out as it does alone."""
+    src = noise(48, 64, 20)
+    styles = [Style(Method.BLUR, Shape.ELLIPSE, 1.0), Style(Method.PIXELATE, Shape.BOX, 1.0),
+              Style(Method.FILL, Shape.ELLIPSE, 1.0, FILL)]
+    jobs = [(random_boxes(30 + i, 64, 48, 1 + i % 4, 1.0), styles[i % 3],
+             "nv12" if i % 2 else "bgr") for i in range(6)]
+
+    def run(i: int) -> np.ndarray:
+        boxes, style, layout = jobs[i]
+        image = ck.DeviceImage.from_bgr(src, layout)
+        for _ in range(2):
+            ck.redact_boxes(image, boxes, style)
+        return image.to_bgr()
+
+    alone = [run(i) for i in range(len(jobs))]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(run, range(len(jobs))))
+    for i, (a, b) in enumerate(zip(alone, together, strict=True)):
+        assert np.array_equal(a, b), i
