@@ -31,7 +31,7 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -77,6 +77,8 @@ QR_DECODED_GROW = 0.025
 EAN_UPC_MIN_THICKNESS = 0.7
 LINEAR_MIN_THICKNESS = 0.4
 UPSCALE_MAX_SIDE = 1024  # the 2x pass runs when the scaled frame's longer side is at most this
+_OUTLINE_RANK = 2.0  # merge order, see _Found.ranks
+_TEXTURE_RANK = 1.0
 NMS_IOU = 0.3
 NMS_CONTAIN = 0.7  # share of the smaller box inside the other that makes two boxes one
 
@@ -231,6 +233,9 @@ class Blob:
     features: np.ndarray  # (len(_TEXTURE_FEATURES),) float64
     probability: float
     finders: bool = False  # holds at least ``_FINDER_EVIDENCE`` finder patterns
+    # the probability without the finder patterns, which are counted for some blobs only: it
+    # orders the blobs of one code found at several levels
+    shape_probability: float = 0.0
 
 
 def _count_finders(gray: np.ndarray) -> int:
@@ -406,6 +411,10 @@ def _blob_features(level_gray: np.ndarray, textured: np.ndarray, density: np.nda
     return quad, outline, features
 
 
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
+
+
 def texture_blobs(work_gray: np.ndarray, threshold: float = TEXTURE_THRESHOLD,
                   all_finders: bool = False) -> list[Blob]:
     """Every texture blob of a grey image with its features and QR probability.
@@ -439,7 +448,7 @@ def texture_blobs(work_gray: np.ndarray, threshold: float = TEXTURE_THRESHOLD,
             # a blob over much of the frame has no quiet zone around it to show: its finder
             # patterns decide
             big = stats[i, 2] * stats[i, 3] >= _BIG_BLOB_SHARE * g.shape[0] * g.shape[1]
-            if all_finders or z >= z_hopeless or big:
+            if all_finders or (z < z_accept and (z >= z_hopeless or big)):
                 features[0] = (_finders_around(work_gray, quad) if outline is None
                                else _finders_rectified(work_gray, outline))
                 z += float(features[0] * _TEXTURE_WEIGHTS[0])
@@ -447,8 +456,8 @@ def texture_blobs(work_gray: np.ndarray, threshold: float = TEXTURE_THRESHOLD,
             if ((all_finders or z >= z_accept or located)
                     and _fine_isotropy(work_gray, quad) < _MIN_ISOTROPY):
                 continue  # the bars of a 1-D code
-            out.append(Blob(quad, outline, level, features,
-                            1.0 / (1.0 + math.exp(-max(-50.0, z))), located))
+            out.append(Blob(quad, outline, level, features, _sigmoid(z), located,
+                            _sigmoid(z - features[0] * _TEXTURE_WEIGHTS[0])))
     return out
 
 
@@ -742,16 +751,22 @@ def _looks_like_bars(crop: np.ndarray) -> bool:
 
 @dataclass
 class _Found:
-    boxes: list[np.ndarray]
-    scores: list[float]
-    categories: list[str]
-    method: list[str]
+    boxes: list[np.ndarray] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    categories: list[str] = field(default_factory=list)
+    method: list[str] = field(default_factory=list)
+    # order of the merge: a code's outline (read, or fixed by its three finder patterns) goes
+    # first, then texture blobs, then QR symbols zxing located but could not read (their size is
+    # guessed from a partly sampled grid, and often too small)
+    ranks: list[float] = field(default_factory=list)
 
-    def add(self, box: np.ndarray, score: float, category: str, method: str) -> None:
+    def add(self, box: np.ndarray, score: float, category: str, method: str,
+            rank: float) -> None:
         self.boxes.append(box)
         self.scores.append(score)
         self.categories.append(category)
         self.method.append(method)
+        self.ranks.append(rank)
 
 
 def _position_quad(barcode: zxingcpp.Barcode) -> np.ndarray:
@@ -883,10 +898,7 @@ class CodeDetector:
         category = np.array([c for fd in found for c in fd.categories])
         method = np.array([m for fd in found for m in fd.method])
         ok = (xyxy[:, 2] - xyxy[:, 0] >= 1) & (xyxy[:, 3] - xyxy[:, 1] >= 1)
-        # a code's outline (read, or fixed by its three finder patterns) goes before the boxes
-        # of texture blobs, which may hold only part of a large code
-        outline = (score >= DECODED_SCORE) | (method == "finder")
-        priority = score + outline.astype(np.float32)
+        priority = np.array([r for fd in found for r in fd.ranks])
         # a QR-category box on a code that was decoded as a barcode (Data Matrix, PDF417, a
         # dense 1-D code the texture locator took for a QR code) is that barcode
         decoded_bar = ok & (category == BARCODE_CATEGORY) & (score >= DECODED_SCORE)
@@ -918,7 +930,7 @@ class CodeDetector:
         return out
 
     def _zxing(self, gray: np.ndarray, scale: float) -> _Found:
-        out = _Found([], [], [], [])
+        out = _Found()
         if len(self._formats) == 0:
             return out
         img = gray if scale == 1.0 else cv2.resize(gray, None, fx=scale, fy=scale,
@@ -934,31 +946,33 @@ class CodeDetector:
                      else LINEAR_MIN_THICKNESS if fmt in _LINEAR_FORMATS else 0.0)
             grow = (self.grow if self.grow is not None
                     else QR_DECODED_GROW if is_qr and decoded else GROW)
-            out.add(_quad_box(quad / scale, grow, thick),
-                    DECODED_SCORE if decoded else UNDECODED_QR_SCORE,
-                    QR_CATEGORY if is_qr else BARCODE_CATEGORY, method)
+            score = DECODED_SCORE if decoded else UNDECODED_QR_SCORE
+            out.add(_quad_box(quad / scale, grow, thick), score,
+                    QR_CATEGORY if is_qr else BARCODE_CATEGORY, method,
+                    _OUTLINE_RANK + score if decoded else score)
         return out
 
     def _texture(self, gray: np.ndarray) -> _Found:
-        out = _Found([], [], [], [])
+        out = _Found()
         for blob in texture_blobs(gray, self.texture_threshold):
             if blob.probability > self.texture_threshold or blob.finders:
                 # the blob mask already reaches past the code's edge: no growth
                 score = max(blob.probability, FINDER_BLOB_SCORE if blob.finders else 0.0)
-                out.add(_quad_box(blob.quad, 0.0), score, QR_CATEGORY, "texture")
+                out.add(_quad_box(blob.quad, 0.0), score, QR_CATEGORY, "texture",
+                        _TEXTURE_RANK + blob.shape_probability)
         return out
 
     def _finder(self, gray: np.ndarray) -> _Found:
-        out = _Found([], [], [], [])
+        out = _Found()
         for quad in finder_codes(gray, finder_patterns(gray)):
             out.add(_quad_box(quad, GROW if self.grow is None else self.grow), FINDER_SCORE,
-                    QR_CATEGORY, "finder")
+                    QR_CATEGORY, "finder", _OUTLINE_RANK + FINDER_SCORE)
         return out
 
     def _cv_barcode(self, gray: np.ndarray) -> _Found:
         """OpenCV's gradient locator; each candidate is confirmed by zxing-cpp on a rectified,
         enlarged crop (any symbol found, read or not) or by the look of its bars."""
-        out = _Found([], [], [], [])
+        out = _Found()
         detector = getattr(self._local, "barcode", None)
         if detector is None:
             detector = self._local.barcode = cv2.barcode.BarcodeDetector()
@@ -978,5 +992,5 @@ class CodeDetector:
             else:
                 continue
             out.add(_quad_box(quad, GROW if self.grow is None else self.grow), score,
-                    BARCODE_CATEGORY, "cv_barcode")
+                    BARCODE_CATEGORY, "cv_barcode", score)
         return out
