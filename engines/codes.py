@@ -108,7 +108,11 @@ _FINDER_OFFSETS = (3, 8)  # grey levels below the local mean that count as dark
 # features, and scores at least FINDER_BLOB_SCORE.
 _FINDER_EVIDENCE = 2
 FINDER_BLOB_SCORE = 0.7
-_BIG_BLOB_SHARE = 0.2  # a blob whose box covers this share of its level has its finders counted
+# A blob whose box covers this share of its level has its finders counted, and one of them is
+# evidence enough: a code that fills the frame shows no quiet zone, and the frame often cuts
+# its other finder patterns.
+_BIG_BLOB_SHARE = 0.2
+_BIG_BLOB_FINDERS = 1
 _RECTIFY_MARGIN = 0.08  # share of a blob's outline added on each side before it is rectified
 TEXTURE_THRESHOLD = 0.6  # keep blobs whose QR probability is above this
 
@@ -452,7 +456,7 @@ def texture_blobs(work_gray: np.ndarray, threshold: float = TEXTURE_THRESHOLD,
                 features[0] = (_finders_around(work_gray, quad) if outline is None
                                else _finders_rectified(work_gray, outline))
                 z += float(features[0] * _TEXTURE_WEIGHTS[0])
-            located = features[0] >= _FINDER_EVIDENCE
+            located = features[0] >= (_BIG_BLOB_FINDERS if big else _FINDER_EVIDENCE)
             if ((all_finders or z >= z_accept or located)
                     and _fine_isotropy(work_gray, quad) < _MIN_ISOTROPY):
                 continue  # the bars of a 1-D code
