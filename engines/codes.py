@@ -113,7 +113,10 @@ FINDER_BLOB_SCORE = 0.7
 # its other finder patterns.
 _BIG_BLOB_SHARE = 0.2
 _BIG_BLOB_FINDERS = 1
+_SLANT_SIDES = 1.3  # a blob's outline with sides this unequal is rectified to count finders
+_SLANT_COS = math.cos(math.radians(75))  # ... or with a corner this far from a right angle
 _RECTIFY_MARGIN = 0.08  # share of a blob's outline added on each side before it is rectified
+_SAME_BLOB_IOU = 0.8  # a blob this close to one counted at another level takes its count
 TEXTURE_THRESHOLD = 0.6  # keep blobs whose QR probability is above this
 
 # --- finder-pattern locator ------------------------------------------------------------------
@@ -242,13 +245,14 @@ class Blob:
     shape_probability: float = 0.0
 
 
-def _count_finders(gray: np.ndarray) -> int:
-    """Distinct QR finder patterns (a dark square ring around a dark square, or the inverse) in
-    a crop of a blob, under several local thresholds; at most 3."""
+def _count_finders(gray: np.ndarray, inverse: bool = True) -> int:
+    """Distinct QR finder patterns (a dark square ring around a dark square, or with ``inverse``
+    also the inverse) in a crop of a blob, under several local thresholds; at most 3."""
     side = min(gray.shape)
     gray = cv2.GaussianBlur(gray, (0, 0), 1.0)
     centres: list[tuple[float, float, float]] = []
-    for polarity in (cv2.THRESH_BINARY_INV, cv2.THRESH_BINARY):
+    for polarity in (cv2.THRESH_BINARY_INV, cv2.THRESH_BINARY) if inverse else (
+            cv2.THRESH_BINARY_INV,):
         for block_div in _FINDER_BLOCKS:
             block = 2 * max(3, side // block_div) + 1
             for offset in _FINDER_OFFSETS:
@@ -352,6 +356,15 @@ def _finders_around(work_gray: np.ndarray, quad: np.ndarray) -> int:
     return min(_count_finders(crop), 3)
 
 
+def _slanted(outline: np.ndarray) -> bool:
+    """Whether a quadrilateral is far from a square: sides of unequal length or corners far from
+    right angles (a code seen at a slant, whose finder patterns are squashed as it lies)."""
+    edges = np.roll(outline, -1, 0) - outline
+    lengths = np.maximum(np.hypot(edges[:, 0], edges[:, 1]), 1e-6)
+    cosines = np.abs((edges * np.roll(edges, 1, 0)).sum(1)) / (lengths * np.roll(lengths, 1))
+    return bool(lengths.max() > _SLANT_SIDES * lengths.min() or cosines.max() > _SLANT_COS)
+
+
 def _finders_rectified(work_gray: np.ndarray, outline: np.ndarray) -> int:
     """QR finder patterns in a blob's outline mapped onto a square (with a margin): a code seen
     at a slant is square again there, and so are its finder patterns (at most 3)."""
@@ -361,7 +374,8 @@ def _finders_rectified(work_gray: np.ndarray, outline: np.ndarray) -> int:
     dst = np.array([[0, 0], [side, 0], [side, side], [0, side]], np.float32)
     crop = cv2.warpPerspective(work_gray, cv2.getPerspectiveTransform(src, dst), (side, side),
                                flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    return min(_count_finders(crop), 3)
+    # dark modules only: an inverted code's patterns are left to the count as the blob lies
+    return min(_count_finders(crop, inverse=False), 3)
 
 
 def _blob_features(level_gray: np.ndarray, textured: np.ndarray, density: np.ndarray,
@@ -415,6 +429,15 @@ def _blob_features(level_gray: np.ndarray, textured: np.ndarray, density: np.nda
     return quad, outline, features
 
 
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = float(iw * ih)
+    return inter / float((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
 def _sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
 
@@ -427,6 +450,7 @@ def texture_blobs(work_gray: np.ndarray, threshold: float = TEXTURE_THRESHOLD,
     (probability above ``threshold``) they can change, or for every blob with ``all_finders``.
     """
     out: list[Blob] = []
+    counted: list[tuple[np.ndarray, int]] = []  # finder patterns counted in a box
     t = min(max(threshold, 1e-6), 1 - 1e-6)
     z_accept = math.log(t / (1 - t))
     z_hopeless = z_accept - 3 * _TEXTURE_WEIGHTS[0]
@@ -453,8 +477,18 @@ def texture_blobs(work_gray: np.ndarray, threshold: float = TEXTURE_THRESHOLD,
             # patterns decide
             big = stats[i, 2] * stats[i, 3] >= _BIG_BLOB_SHARE * g.shape[0] * g.shape[1]
             if all_finders or (z < z_accept and (z >= z_hopeless or big)):
-                features[0] = (_finders_around(work_gray, quad) if outline is None
-                               else _finders_rectified(work_gray, outline))
+                # in the blob's box as it lies, and with its outline mapped onto a square (a code
+                # seen at a slant); the outline of a blob that runs past its code is no code's
+                # outline, so the first is kept
+                box = np.concatenate([quad.min(0), quad.max(0)])
+                same = [n for b, n in counted if _iou(box, b) > _SAME_BLOB_IOU]
+                if same:  # the same region at another level
+                    features[0] = same[0]
+                else:
+                    features[0] = _finders_around(work_gray, quad)
+                    if features[0] < 3 and outline is not None and _slanted(outline):
+                        features[0] = max(features[0], _finders_rectified(work_gray, outline))
+                    counted.append((box, int(features[0])))
                 z += float(features[0] * _TEXTURE_WEIGHTS[0])
             located = features[0] >= (_BIG_BLOB_FINDERS if big else _FINDER_EVIDENCE)
             if ((all_finders or z >= z_accept or located)

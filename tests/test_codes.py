@@ -1,7 +1,8 @@
 """QR-code and barcode detector on generated scenes.
 
-Codes are made by zxing-cpp itself, turned with cv2.warpAffine and pasted into a real photo
-(scikit-image's coffee.png) with sensor-like noise.
+Codes are made by zxing-cpp itself, turned with cv2.warpAffine (or seen at a slant with
+cv2.warpPerspective) and pasted into real photos shipped with scikit-image (coffee, astronaut,
+grass) with sensor-like noise.
 """
 
 from __future__ import annotations
@@ -272,3 +273,137 @@ def test_rejects_images_that_are_not_bgr_uint8(detector: CodeDetector, bad: np.n
 def test_rejects_bad_settings(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         CodeDetector(**kwargs)  # type: ignore[arg-type]
+
+
+# --- codes seen at a slant, filling the frame, or a few pixels a module ----------------------
+
+
+def qr_modules(content: str) -> np.ndarray:
+    """The QR symbol's modules without its quiet zone, one pixel each (0 dark, 255 light)."""
+    code = code_image(content, zxingcpp.BarcodeFormat.QRCode)
+    ys, xs = np.nonzero(code < 128)
+    return code[ys.min():ys.max() + 1, xs.min():xs.max() + 1].copy()
+
+
+def tilted_quad(centre: tuple[float, float], side: float, tilt: float, turn: float,
+                distance: float = 2.0) -> np.ndarray:
+    """Corners (4, 2) of a square ``side`` px across, its top edge tipped away from the camera
+    by ``tilt`` degrees (seen from ``distance`` sides away: the far edge is shorter), then
+    turned by ``turn`` degrees in the image, centred on ``centre``."""
+    t, a = np.radians(tilt), np.radians(turn)
+    square = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])
+    depth = -square[:, 1] * np.sin(t)
+    shrink = distance / (distance + depth)
+    pts = np.stack([square[:, 0] * shrink, square[:, 1] * np.cos(t) * shrink], 1) * side
+    pts -= pts.mean(0)
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    return pts @ rot.T + np.asarray(centre)
+
+
+def place(background: np.ndarray, modules: np.ndarray, quad: np.ndarray, quiet: int = 2,
+          blur: float = 1.0, dark: int = 0, light: int = 255, seed: int = 0) -> np.ndarray:
+    """``modules`` (with ``quiet`` light modules around) printed dark/light and mapped onto
+    ``quad`` (the symbol's corners) in a copy of the BGR ``background``, then blurred, with
+    sensor noise and stored as a JPEG of quality 80, as a phone would."""
+    n, k = modules.shape[0], 8
+    padded = cv2.copyMakeBorder(modules, quiet, quiet, quiet, quiet, cv2.BORDER_CONSTANT,
+                                value=255)
+    big = cv2.resize(np.where(padded < 128, dark, light).astype(np.uint8), None, fx=k, fy=k,
+                     interpolation=cv2.INTER_NEAREST)
+    src = (np.array([[0, 0], [n, 0], [n, n], [0, n]], np.float32) + quiet) * k
+    m = cv2.getPerspectiveTransform(src, quad.astype(np.float32))
+    h, w = background.shape[:2]
+    code = cv2.warpPerspective(big, m, (w, h), flags=cv2.INTER_AREA,
+                               borderValue=255).astype(np.float64)
+    alpha = cv2.warpPerspective(np.ones(big.shape, np.float32), m, (w, h))[..., None]
+    out = background.astype(np.float64) * (1 - alpha) + code[..., None] * alpha
+    out = cv2.GaussianBlur(out, (0, 0), blur) + np.random.default_rng(seed).normal(0, 4, out.shape)
+    ok, jpeg = cv2.imencode(".jpg", np.clip(out, 0, 255).astype(np.uint8),
+                            [cv2.IMWRITE_JPEG_QUALITY, 80])
+    assert ok
+    return np.asarray(cv2.imdecode(jpeg, cv2.IMREAD_COLOR), np.uint8)
+
+
+def background(name: str, h: int, w: int) -> np.ndarray:
+    """One of scikit-image's photos as BGR, resized to ``h`` x ``w``."""
+    image = getattr(skimage.data, name)()
+    if image.ndim == 2:
+        image = np.stack([image] * 3, -1)
+    return cv2.resize(np.ascontiguousarray(image[:, :, 2::-1]), (w, h),
+                      interpolation=cv2.INTER_AREA)
+
+
+def quad_covered(d: Detections, quad: np.ndarray, shape: tuple[int, ...]) -> tuple[float, float]:
+    """Share of the code's quadrilateral (as far as it lies in the frame) inside the union of
+    the boxes, and the union's area outside the quadrilateral's bounding box over that box's
+    area (how far past the code the redaction reaches)."""
+    h, w = shape[:2]
+    inside = np.zeros((h, w), np.uint8)
+    cv2.fillPoly(inside, [np.round(quad).astype(np.int32)], 1)
+    boxes = np.zeros((h, w), bool)
+    for x1, y1, x2, y2 in d.xyxy.tolist():
+        boxes[max(0, int(y1)):int(np.ceil(y2)), max(0, int(x1)):int(np.ceil(x2))] = True
+    x1, y1 = np.clip(np.floor(quad.min(0)).astype(int), 0, None)
+    x2, y2 = np.ceil(quad.max(0)).astype(int)
+    around = boxes.copy()
+    around[y1:y2, x1:x2] = False
+    bbox_area = max(1, (min(x2, w) - x1) * (min(y2, h) - y1))
+    return float(boxes[inside > 0].mean()), float(around.sum()) / bbox_area
+
+
+def unreadable(image: np.ndarray) -> bool:
+    """zxing-cpp reads no code in the image, at its size or enlarged twice."""
+    big = cv2.resize(image, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
+    return not any(r.valid for img in (image, big) for r in zxingcpp.read_barcodes(img))
+
+
+TICKET = "https://example.com/ticket/4711-SECRET"  # a version-3 code, 29 modules
+
+
+@pytest.mark.parametrize("side", [180, 220])
+def test_qr_code_seen_at_a_steep_slant_is_covered(side: int) -> None:
+    # tipped back 75 degrees and turned 25: its height shrinks to about a quarter, the far edge
+    # is shorter than the near one, and its finder patterns are thin slanted rhombi
+    quad = tilted_quad((320, 240), side, tilt=75, turn=25)
+    image = place(background("coffee", 480, 640), qr_modules(TICKET), quad)
+    assert unreadable(image)
+    covered, past = quad_covered(CodeDetector(categories=("qr_codes",)).detect(image), quad,
+                                 image.shape)
+    assert covered >= 0.95
+    assert past < 0.5  # an upright box around a slanted code reaches a little past it
+
+
+@pytest.mark.parametrize(("fill", "tilt", "turn"), [(0.85, 25, -30), (0.95, 35, 30)])
+def test_qr_code_filling_the_photo_is_covered_whole(fill: float, tilt: float,
+                                                     turn: float) -> None:
+    # a close-up: the code, seen a little from below and turned, reaches past the frame on
+    # two sides (finder patterns cut), grey on a pale label with a thin margin, on grass;
+    # zxing locates part of it without reading it
+    h, w = 640, 480
+    quad = tilted_quad((w / 2, h / 2), fill * w, tilt=tilt, turn=turn)
+    image = place(background("grass", h, w), qr_modules(TICKET), quad, quiet=1, dark=40,
+                  light=200)
+    assert unreadable(image)
+    covered, past = quad_covered(CodeDetector(categories=("qr_codes",)).detect(image), quad,
+                                 image.shape)
+    assert covered >= 0.95
+    assert past < 0.25
+
+
+def test_tiny_qr_codes_on_a_busy_photo_are_covered() -> None:
+    # 18 codes of 29 modules in 36 px (about 1.2 px a module), turned 53 degrees, each on its
+    # own copy of the astronaut photo around the patterned suit; none can be read
+    photo_bgr = background("astronaut", 480, 640)
+    hits = 0
+    for dx in (-6, 0, 6):
+        for dy in (-6, 0, 6):
+            for seed in (0, 1):
+                quad = tilted_quad((185 + dx, 204 + dy), 36, tilt=0, turn=53)
+                image = place(photo_bgr, qr_modules(TICKET), quad, quiet=3, blur=0.5, dark=70,
+                              light=221, seed=seed)
+                assert unreadable(image)
+                covered, past = quad_covered(
+                    CodeDetector(categories=("qr_codes",)).detect(image), quad, image.shape)
+                hits += covered >= 0.95
+                assert past < 4  # a box at most about twice the code's size across
+    assert hits >= 15
