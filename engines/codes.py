@@ -10,8 +10,19 @@ all run on a copy of the frame scaled down to ``max_side``:
    codes a couple of pixels per module wide;
 3. ``texture`` (QR codes only): a pyramid of maps of dense, high-contrast texture; every blob is
    scored by a logistic model over its shape, texture, quiet-zone ring and the QR finder
-   patterns found inside it (score = that probability, kept above ``texture_threshold``);
-4. ``cv_barcode`` (barcodes only): OpenCV's gradient locator for 1-D codes, each candidate
+   patterns found inside it (score = that probability, kept above ``texture_threshold``).
+   Finder patterns are counted in the blob's box as it lies and, for a blob whose outline is
+   far from a square (a code seen at a slant), with that outline mapped onto a square. A blob
+   holding two finder patterns is a QR code whatever its other features (score at least 0.7),
+   and so is a blob over much of the frame holding one: a code that fills the photo has no
+   quiet zone to show, and the frame cuts its other patterns;
+4. ``finder`` (QR codes only): finder patterns (a dark ring, a light ring, a dark core, as
+   nested convex quadrilaterals) on a pyramid of halvings, grouped in threes by a QR code's
+   geometry whatever the perspective (the lines from the corner pattern to the other two run
+   along its edges, as many modules across as down, no fourth pattern inside); the homography
+   that takes the three patterns' corners to the module grid gives the code's whole outline
+   (score 0.9), kept where modules fill it;
+5. ``cv_barcode`` (barcodes only): OpenCV's gradient locator for 1-D codes, each candidate
    confirmed by zxing-cpp on a rectified crop (score 1.0 when read, else 0.5) or by its bars.
 
 Categories: QR Code, Micro QR and rMQR are ``qr_codes``; every other symbology (EAN/UPC,
@@ -19,9 +30,11 @@ Code 128/39/93, ITF, Codabar, DataBar, PDF417, Data Matrix, Aztec, MaxiCode...) 
 ``barcodes``. The texture locator cannot tell a QR code from other 2-D matrix codes, so an
 unreadable Data Matrix or Aztec symbol may be reported as ``qr_codes``.
 
-Boxes are merged per category: nested or overlapping QR boxes by non-maximum suppression,
-overlapping barcode boxes into their union. Decoded contents are dropped at once: nothing the
-detector returns, keeps or logs holds them.
+Boxes are merged per category: nested or overlapping QR boxes by non-maximum suppression in
+tiers (a code's outline, read or fixed by its finder patterns, before texture blobs, ordered by
+their probability without finder patterns, before symbols zxing located but could not read,
+whose size is a guess and often too small), overlapping barcode boxes into their union. Decoded
+contents are dropped at once: nothing the detector returns, keeps or logs holds them.
 """
 
 from __future__ import annotations
@@ -146,6 +159,8 @@ _FP_EDGE = 0.3  # a 3x3 grey range over this share of the code's 5-95% range is 
 _FP_CELL_EDGES = 0.3  # share of edge pixels that makes a cell of a 4x4 grid textured
 _FP_MIN_CELLS = 12  # textured cells of 16
 _FP_FIT_TOL = 0.1  # the fitted outline passes this share of the code's size from the patterns
+_FP_MAX_PATTERNS = 64
+_FP_MAX_TRIPLES = 64
 FINDER_SCORE = 0.9  # three finder patterns in a code's geometry
 
 # --- OpenCV 1-D locator candidates -----------------------------------------------------------
@@ -552,7 +567,9 @@ def _finders_at_level(gray: np.ndarray, block: int) -> list[FinderPattern]:
         return []
     hier = hierarchy[0]
     out: list[FinderPattern] = []
-    for i in np.flatnonzero(hier[:, 2] >= 0).tolist():
+    # contours that hold a contour that holds another: parents of holes that have children
+    nested = hier[(hier[:, 2] >= 0) & (hier[:, 3] >= 0), 3]
+    for i in np.unique(nested).tolist():
         outer = contours[i]
         _, _, w, h = cv2.boundingRect(outer)
         if not _FP_MIN_SIDE <= max(w, h) <= _FP_MAX_SIDE:
@@ -601,11 +618,17 @@ def finder_patterns(work_gray: np.ndarray) -> list[FinderPattern]:
             g = work_gray
         else:
             g = cv2.resize(work_gray, None, fx=level, fy=level, interpolation=cv2.INTER_AREA)
-        for fp in _finders_at_level(g, _FP_BLOCK):
-            fp = FinderPattern(fp.centre / level, fp.quad / level, fp.area / level ** 2)
-            if all(np.hypot(*(fp.centre - o.centre)) > 0.3 * math.sqrt(min(fp.area, o.area))
-                   for o in found):
-                found.append(fp)
+        new = [FinderPattern(fp.centre / level, fp.quad / level, fp.area / level ** 2)
+               for fp in _finders_at_level(g, _FP_BLOCK)]
+        if found and new:  # drop what a finer level found already
+            a = np.array([fp.centre for fp in new])
+            b = np.array([fp.centre for fp in found])
+            size = np.sqrt(np.minimum(np.array([fp.area for fp in new])[:, None],
+                                      np.array([fp.area for fp in found])[None, :]))
+            near = np.hypot(a[:, None, 0] - b[None, :, 0], a[:, None, 1] - b[None, :, 1])
+            new = [fp for fp, dup in zip(new, (near <= 0.3 * size).any(1), strict=True)
+                   if not dup]
+        found.extend(new)
     return found
 
 
@@ -636,53 +659,52 @@ def _aligned(axes: tuple[np.ndarray, np.ndarray, np.ndarray], d: np.ndarray) -> 
 
 def finder_codes(work_gray: np.ndarray, patterns: Sequence[FinderPattern]) -> list[np.ndarray]:
     """Codes made of three finder patterns, each as its four corners (4, 2) in order around it,
-    kept where modules fill that outline."""
-    n = len(patterns)
+    kept where modules fill that outline. The ``_FP_MAX_PATTERNS`` largest patterns take part,
+    and at most ``_FP_MAX_TRIPLES`` triples are tried (a page of square characters holds many
+    pattern-like shapes)."""
+    patterns = sorted(patterns, key=lambda p: -p.area)[:_FP_MAX_PATTERNS]
     axes = [_edge_axes(p.quad) for p in patterns]
+    # arms: pattern b to pattern i, along b's edge direction ``along`` and one of i's, with
+    # the span of a code between them; (i, along, unit vector, modules)
+    arms: list[list[tuple[int, int, np.ndarray, float]]] = [[] for _ in patterns]
+    for b, pb in enumerate(patterns):
+        for i, pi in enumerate(patterns):
+            if i == b or not 1 / _FP_AREA_RATIO < pi.area / pb.area < _FP_AREA_RATIO:
+                continue
+            arm = pi.centre - pb.centre
+            d = float(np.hypot(*arm))
+            if d == 0:
+                continue
+            v = arm / d
+            along = _aligned(axes[b], v)
+            if along < 0 or _aligned(axes[i], v) < 0:
+                continue
+            modules = 14 * d / (_side_along(axes[b], v) + _side_along(axes[i], v))
+            if _FP_SPAN[0] <= modules <= _FP_SPAN[1]:
+                arms[b].append((i, along, v, modules))
     triples: list[tuple[float, int, int, int, float]] = []
-    for b in range(n):
-        for i in range(n):
-            if i == b or not 1 / _FP_AREA_RATIO < patterns[i].area / patterns[b].area \
-                    < _FP_AREA_RATIO:
-                continue
-            arm1 = patterns[i].centre - patterns[b].centre
-            d1 = float(np.hypot(*arm1))
-            if d1 == 0:
-                continue
-            v1 = arm1 / d1
-            along1 = _aligned(axes[b], v1)
-            if along1 < 0 or _aligned(axes[i], v1) < 0:
-                continue
-            n1 = 14 * d1 / (_side_along(axes[b], v1) + _side_along(axes[i], v1))
-            if not _FP_SPAN[0] <= n1 <= _FP_SPAN[1]:
-                continue
-            for k in range(i + 1, n):
-                if k == b or not 1 / _FP_AREA_RATIO < patterns[k].area / patterns[b].area \
-                        < _FP_AREA_RATIO:
-                    continue
-                arm2 = patterns[k].centre - patterns[b].centre
-                d2 = float(np.hypot(*arm2))
-                if d2 == 0:
-                    continue
-                v2 = arm2 / d2
-                if (abs(float(v1 @ v2)) > _FP_MIN_TURN or _aligned(axes[b], v2) != 1 - along1
-                        or _aligned(axes[k], v2) < 0):
-                    continue
-                n2 = 14 * d2 / (_side_along(axes[b], v2) + _side_along(axes[k], v2))
-                if (not _FP_SPAN[0] <= n2 <= _FP_SPAN[1]
+    for b, own in enumerate(arms):
+        for x, (i, along1, v1, n1) in enumerate(own):
+            for k, along2, v2, n2 in own[x + 1:]:
+                if (along2 != 1 - along1 or abs(float(v1 @ v2)) > _FP_MIN_TURN
                         or not _FP_SQUARE < n1 / n2 < 1 / _FP_SQUARE):
                     continue
-                err = (2 - abs(float(v1 @ axes[b][along1])) - abs(float(v2 @ axes[b][1 - along1]))
+                err = (2 - abs(float(v1 @ axes[b][along1])) - abs(float(v2 @ axes[b][along2]))
                        + abs(math.log(n1 / n2)))
                 triples.append((err, b, i, k, (n1 + n2) / 2 + 7))
     triples.sort()
     used: set[int] = set()
     codes: list[np.ndarray] = []
-    for _, b, i, k, modules in triples:
+    centres = [p.centre for p in patterns]
+    for _, b, i, k, modules in triples[:_FP_MAX_TRIPLES]:
         if {b, i, k} & used:
             continue
         quad = _code_outline(patterns[b], patterns[i], patterns[k], modules)
-        if not _fills_square(work_gray, quad, modules):
+        # a QR code has three finder patterns, no more: a fourth inside the outline means a
+        # grid of square marks (tiles, a page of square characters)
+        others = [centres[j] for j in range(len(patterns)) if j not in (b, i, k)]
+        if any(cv2.pointPolygonTest(quad.astype(np.float32), (float(x), float(y)), False) > 0
+               for x, y in others) or not _fills_square(work_gray, quad, modules):
             continue
         used |= {b, i, k}
         codes.append(quad)
