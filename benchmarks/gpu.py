@@ -21,9 +21,9 @@ past it is skipped and says so):
 
 Without a GPU it prints why it skipped and exits 0. ``--simulator`` runs the same steps at toy
 sizes on Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``): a check of this script, not a
-measurement. On a lent GPU machine without PyAV, OpenCV or onnxruntime, carry their wheels in
-an ignored folder and install them into a virtual environment that sees the machine's torch
-and numba-cuda (``python -m venv --system-site-packages``).
+measurement. On a GPU machine that has torch and numba-cuda but not PyAV, OpenCV or
+onnxruntime, install those into a virtual environment that also sees the machine's own packages
+(``python -m venv --system-site-packages``).
 """
 
 from __future__ import annotations
