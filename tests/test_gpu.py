@@ -4,7 +4,9 @@ reasons). On a GPU machine run them with ``NUMBA_ENABLE_CUDASIM=0 pytest tests/t
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,26 +23,26 @@ def real_gpu() -> None:
                     "(run with NUMBA_ENABLE_CUDASIM=0 on a GPU machine)")
 
 
-def gpu_backend(name: str) -> None:
+def gpu_backend(name: str) -> Any:
+    """The backend's module, or a skip saying why it cannot run here."""
     real_gpu()
-    module = {"torch-cuda": "engines.torch_backend",
-              "tensorrt": "engines.tensorrt_backend"}[name]
-    ok, why = __import__(module, fromlist=["available"]).available()
+    mod = importlib.import_module({"torch-cuda": "engines.torch_backend",
+                                   "tensorrt": "engines.tensorrt_backend"}[name])
+    ok, why = mod.available()
     if not ok:
         pytest.skip(f"needs the {name} backend: {why}")
+    return mod
 
 
 @pytest.mark.parametrize("name", ["torch-cuda", "tensorrt"])
 @pytest.mark.parametrize("batch", [1, 8])
 def test_a_gpu_backend_matches_onnxruntime_on_the_face_model(name: str, batch: int) -> None:
-    gpu_backend(name)
+    mod = gpu_backend(name)
     from engines.backends import OnnxRuntimeCpu
     from engines.faces import YuNet
     from engines.models import dynamic_onnx_bytes
 
     data = dynamic_onnx_bytes(YuNet.spec.resolve(None), {"input": ["B", 3, "H", "W"]})
-    mod = __import__({"torch-cuda": "engines.torch_backend",
-                      "tensorrt": "engines.tensorrt_backend"}[name], fromlist=["Backend"])
     session = mod.Backend().load(data, 0)
     x = np.random.default_rng(2).uniform(0, 255, (batch, 3, 320, 640)).astype(np.float32)
     want = OnnxRuntimeCpu().load(data, 0).run(None, {"input": x})
