@@ -5,10 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages the project needs at run or test time (PyAV's wheel bundles FFmpeg): GStreamer's
-# RTSP server for live outputs, what PyGObject needs to build in the virtual environment, and
-# Chromium for the browser (WebRTC) tests.
+# RTSP server for live outputs, what PyGObject needs to build in the virtual environment,
+# Chromium for the browser (WebRTC) tests, and PostgreSQL's server for the tests of the store on
+# PostgreSQL (they start their own on loopback; `make run` uses SQLite and needs none).
 DEB_PACKAGES := gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
-	gstreamer1.0-plugins-bad libgirepository1.0-dev libcairo2-dev pkg-config chromium
+	gstreamer1.0-plugins-bad libgirepository1.0-dev libcairo2-dev pkg-config chromium postgresql
 
 .PHONY: setup deps-debian run test lint format clean bench-accuracy bench-leaks bench-throughput
 

@@ -19,7 +19,9 @@ def _settings(args: argparse.Namespace, **more: Any) -> Any:
     """Service settings from the environment, with the options given on the command line."""
     from gateway.settings import Settings
 
-    given = {k: v for k, v in {"data_dir": getattr(args, "data_dir", None), **more}.items()
+    given = {k: v for k, v in {"data_dir": getattr(args, "data_dir", None),
+                               "database_url": getattr(args, "database", None),
+                               "storage": getattr(args, "storage", None), **more}.items()
              if v is not None}
     return Settings(**given)
 
@@ -34,7 +36,7 @@ def run_serve(args: argparse.Namespace) -> int:
     level = "debug" if args.verbose else settings.log_level
     logging.getLogger().setLevel(level.upper())
     sys.stderr.write(f"redact serve: http://{settings.host}:{settings.port} (docs at /docs), "
-                     f"data in {settings.data_dir}\n")
+                     f"{_where(settings)}\n")
     if not settings.embedded_worker:
         sys.stderr.write("redact serve: API only; jobs, webhooks and live streams are run by "
                          "`redact worker` processes on the same data directory\n")
@@ -67,16 +69,26 @@ def run_worker(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(level.upper())
     stream_settings = _stream_settings(args)
     rtsp_host = stream_settings.rtsp_host or settings.host
-    sys.stderr.write(f"redact worker {settings.worker_id}: data in {settings.data_dir}, "
+    sys.stderr.write(f"redact worker {settings.worker_id}: {_where(settings)}, "
                      f"{settings.workers} job slot(s), live streams on rtsp://{rtsp_host}:"
                      f"{stream_settings.rtsp_port or '<any free port>'}/<name>\n")
     return run(settings, stream_settings)
 
 
+def _where(settings: Any) -> str:
+    """Where a process keeps its state, for its first line."""
+    from gateway.database import display_name
+
+    if settings.database_url is None and settings.storage is None:
+        return f"data in {settings.data_dir}"
+    return (f"database {display_name(settings.store_target)}, files in "
+            f"{settings.storage_dir}")
+
+
 def _store(args: argparse.Namespace) -> Any:
     from gateway.store import Store
 
-    return Store(_settings(args).db_path)
+    return Store(_settings(args).store_target)
 
 
 def run_keys_create(args: argparse.Namespace) -> int:
@@ -122,10 +134,22 @@ def _apply_device(args: argparse.Namespace) -> None:
     select_device(env_device_default())
 
 
-def _data_dir_option(p: argparse.ArgumentParser) -> None:
+def _data_dir_option(p: argparse.ArgumentParser, files: bool = True) -> None:
     p.add_argument("--data-dir", type=Path, default=None,
                    help="service data directory (default: $REDACT_DATA_DIR, else "
-                        "~/.local/share/redact)")
+                        "~/.local/share/redact): the SQLite database and, unless --storage, "
+                        "the job files")
+    p.add_argument("--database", default=None, metavar="URL",
+                   help="a PostgreSQL database shared by API replicas and workers on many "
+                        "machines, as postgresql://user:password@host:port/name (default: "
+                        "$REDACT_DATABASE_URL, else the SQLite file in the data directory); "
+                        "needs the [postgres] extra")
+    if files:
+        p.add_argument("--storage", type=Path, default=None, metavar="DIR",
+                       help="directory for uploads, outputs, recordings and the viewer-token "
+                            "key, which every API replica and worker must reach at the same "
+                            "path (a shared file system) (default: $REDACT_STORAGE, else the "
+                            "data directory)")
 
 
 def add_serve_parser(sub: Any) -> None:
@@ -209,15 +233,15 @@ def add_keys_parser(sub: Any) -> None:
     c = ks.add_parser("create", help="create a key; prints JSON with the key (shown once)")
     c.add_argument("--name", required=True, help="who or what uses the key")
     c.add_argument("--plan", default="free", choices=PLANS, help="plan (default: free)")
-    _data_dir_option(c)
+    _data_dir_option(c, files=False)
     c.set_defaults(func=run_keys_create)
     ls = ks.add_parser("list", help="list keys as JSON lines (never the keys themselves)")
     ls.add_argument("--all", action="store_true", help="include revoked keys")
-    _data_dir_option(ls)
+    _data_dir_option(ls, files=False)
     ls.set_defaults(func=run_keys_list)
     r = ks.add_parser("revoke", help="revoke a key by its id")
     r.add_argument("key_id", help="the key's id (key_...)")
-    _data_dir_option(r)
+    _data_dir_option(r, files=False)
     r.set_defaults(func=run_keys_revoke)
 
 
@@ -255,7 +279,21 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"redact {args.command}: {exc}", file=sys.stderr)
             return 2
-    return int(args.func(args))
+    from pydantic import ValidationError
+
+    from gateway.database import DatabaseUnavailable
+
+    try:
+        return int(args.func(args))
+    except ValidationError as exc:
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            print(f"redact {args.command}: invalid setting {field} "
+                  f"(REDACT_{field.upper()}): {err['msg']}", file=sys.stderr)
+        return 2
+    except DatabaseUnavailable as exc:
+        print(f"redact {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

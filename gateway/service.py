@@ -32,7 +32,7 @@ class Service:
     def __init__(self, settings: Settings, stream_settings: StreamSettings | None = None) -> None:
         self.settings = settings
         self.stream_settings = stream_settings or StreamSettings()
-        self.layout = Layout(settings.data_dir)
+        self.layout = Layout(settings.storage_dir)
         self.store: Store | None = None
         self.metrics = Metrics(lambda: self.store)
         self._limiter: RateLimiter | None = None
@@ -67,7 +67,7 @@ class Service:
         Jobs and streams a dead process left are not touched here: a worker takes each over
         once its lease has run out."""
         self.layout.create()
-        self.store = Store(self.settings.db_path)
+        self.store = Store(self.settings.store_target)
         self._limiter = RateLimiter(self.store)
         if before_worker is not None:
             before_worker()

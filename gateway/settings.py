@@ -1,6 +1,7 @@
 """Service settings: embedded defaults, each overridable by an environment variable ``REDACT_*``.
 
-``REDACT_DATA_DIR=/var/lib/redact``, ``REDACT_WORKERS=4``, ``REDACT_RETENTION_HOURS=1``,
+``REDACT_DATA_DIR=/var/lib/redact``, ``REDACT_DATABASE_URL=postgresql://...``,
+``REDACT_STORAGE=/mnt/redact``, ``REDACT_WORKERS=4``, ``REDACT_RETENTION_HOURS=1``,
 ``REDACT_WEBHOOK_ALLOW_PRIVATE=1``, and plans as JSON, merged over the defaults:
 ``REDACT_PLANS='{"free": {"requests_per_minute": 30}}'``.
 """
@@ -14,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.database import is_postgres
 from gateway.leases import process_worker_id
 
 MB = 1024 * 1024
@@ -52,6 +54,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     data_dir: Path = Field(default_factory=_default_data_dir)
+    # the database: None = the SQLite file redact.db in the data directory (one machine); a
+    # postgresql://user:password@host:port/name URL for API replicas and workers on many machines
+    database_url: str | None = None
+    # where job files (uploads, outputs, manifests), recordings and the viewer-token key live:
+    # a directory every API replica and worker reaches (default: the data directory)
+    storage: Path | None = None
     # absolute base of download links (e.g. https://redact.example.com); default: the request's
     public_url: str | None = None
 
@@ -108,9 +116,44 @@ class Settings(BaseSettings):
             merged[name] = {**base, **given}
         return merged
 
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_only(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not is_postgres(value):
+            raise ValueError("the database must be a postgresql://user:password@host:port/name "
+                             "URL (leave it unset for the SQLite file in the data directory)")
+        return value
+
+    @field_validator("storage", mode="before")
+    @classmethod
+    def _shared_directory(cls, value: Any) -> Any:
+        if value is None or value == "":
+            return None
+        text = str(value)
+        if "://" in text:
+            if text.startswith("file://"):
+                return text.removeprefix("file://")
+            raise ValueError(f"storage {text!r}: only a directory (a path, or file:///path) is "
+                             "supported; mount a shared file system (NFS, CephFS, an S3 bucket "
+                             "through a FUSE mount) at the same path on every node")
+        return value
+
     @property
     def db_path(self) -> Path:
+        """The SQLite file (used when no ``database_url`` is set)."""
         return self.data_dir / "redact.db"
+
+    @property
+    def store_target(self) -> Path | str:
+        """What :class:`gateway.store.Store` opens: the PostgreSQL URL, else the SQLite file."""
+        return self.database_url or self.db_path
+
+    @property
+    def storage_dir(self) -> Path:
+        """Where job files, recordings and the viewer-token key live."""
+        return self.storage or self.data_dir
 
     def plan(self, name: str) -> Plan:
         """The limits of ``name``; an unknown plan name (removed from config) gets free's."""

@@ -1,9 +1,10 @@
-"""The service's state in one SQLite file (WAL): API keys (hashed), jobs, monthly usage,
-webhook deliveries, per-minute rate windows, live-stream definitions (with the lease and the
-runtime figures of the worker running each) and the workers' heartbeats.
+"""The service's state: API keys (hashed), jobs, monthly usage, webhook deliveries, per-minute
+rate windows, live-stream definitions (with the lease and the runtime figures of the worker
+running each) and the workers' heartbeats; in one SQLite file (WAL, the default) or a PostgreSQL
+database shared by API replicas and workers on many machines (:mod:`gateway.database`: the same
+queries on both).
 
-Callers use only the methods of :class:`Store` (no SQL outside this module), so another
-database (PostgreSQL) can stand beside SQLite with the same methods:
+Callers use only the methods of :class:`Store` (no SQL outside this module):
 
 - keys: ``create_key``, ``key_by_secret``, ``key``, ``list_keys``, ``revoke_key``
 - usage and limits: ``usage``, ``rate_hit``
@@ -30,8 +31,10 @@ seconds, so the machines sharing a store need clocks that agree to well within a
 
 One connection per process, shared by the event loop and the worker threads behind a lock;
 every write is its own transaction (or an explicit one), so a process killed at any moment
-leaves a consistent file. Other processes (``redact worker``, ``redact keys create``) use the
-file at the same time; ``BEGIN IMMEDIATE`` holds SQLite's write lock across all of them.
+leaves a consistent database. Other processes (``redact worker``, ``redact keys create``, API
+replicas) use it at the same time: on SQLite ``BEGIN IMMEDIATE`` holds the file's write lock
+across all of them; on PostgreSQL a claim locks the rows it takes (``FOR UPDATE SKIP LOCKED``),
+so workers on many machines claim different jobs at once.
 """
 
 from __future__ import annotations
@@ -41,13 +44,13 @@ import hashlib
 import json
 import logging
 import secrets
-import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from gateway.database import Database, Executor, display_name, open_database
 
 log = logging.getLogger(__name__)
 
@@ -272,14 +275,14 @@ class StreamRow:
     runtime_at: float | None = None
 
 
-def _stream(row: sqlite3.Row) -> StreamRow:
+def _stream(row: Mapping[str, Any]) -> StreamRow:
     d = dict(row)
     d["definition"] = json.loads(d["definition"])
     d["runtime"] = json.loads(d["runtime"]) if d["runtime"] else None
     return StreamRow(**d)
 
 
-def _job(row: sqlite3.Row) -> Job:
+def _job(row: Mapping[str, Any]) -> Job:
     d = dict(row)
     d["categories"] = json.loads(d["categories"])
     d["options"] = json.loads(d["options"])
@@ -290,60 +293,37 @@ def _job(row: sqlite3.Row) -> Job:
 
 
 class Store:
-    """Thread-safe access to the SQLite file at ``path`` (created with its schema if new)."""
+    """Thread-safe access to the database at ``target``: a SQLite file's path (created with
+    its schema if new) or a PostgreSQL URL (its tables created on first use)."""
 
-    def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None,
-                                   timeout=busy_timeout_s)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+    def __init__(self, target: Path | str, busy_timeout_s: float = 30.0) -> None:
+        self.target = target
+        self._db: Database = open_database(target, busy_timeout_s)
+        self.kind = self._db.kind
         self._rate_calls = 0
-        with self._lock:
-            self._db.executescript(_SCHEMA)  # idempotent; executescript commits by itself
-            self._migrate()
+        self._db.create_schema(_SCHEMA, _ADDED_COLUMNS)
 
-    def _migrate(self) -> None:
-        """Add the columns an older file lacks (under the write lock: processes opening the
-        file at the same time add each column once)."""
-        with self.transaction() as db:
-            for table, columns in _ADDED_COLUMNS.items():
-                have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
-                for name, kind in columns:
-                    if name not in have:
-                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+    def __repr__(self) -> str:
+        return f"Store({display_name(self.target)!r})"
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """An immediate (write-locking) transaction, committed on success."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def transaction(self) -> contextlib.AbstractContextManager[Executor]:
+        """A write transaction, committed on success (see :mod:`gateway.database`)."""
+        return self._db.transaction()
 
-    def _one(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Row | None:
-        with self._lock:
-            row: sqlite3.Row | None = self._db.execute(sql, args).fetchone()
+    def _one(self, sql: str, args: tuple[Any, ...] = ()) -> Mapping[str, Any] | None:
+        with self._db.lock:
+            row: Mapping[str, Any] | None = self._db.execute(sql, args).fetchone()
             return row
 
-    def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        with self._lock:
+    def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[Mapping[str, Any]]:
+        with self._db.lock:
             return list(self._db.execute(sql, args).fetchall())
 
     def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> int:
-        with self._lock:
+        with self._db.lock:
             return self._db.execute(sql, args).rowcount
 
     # ----------------------------------------------------------------------------------------
@@ -392,11 +372,12 @@ class Store:
         return (int(row["images"]), float(row["video_seconds"])) if row else (0, 0.0)
 
     @staticmethod
-    def _charge(db: sqlite3.Connection, key_id: str, month: str, images: int,
+    def _charge(db: Executor, key_id: str, month: str, images: int,
                 seconds: float) -> None:
         db.execute("INSERT INTO usage (key_id, month, images, video_seconds) VALUES (?, ?, ?, ?) "
-                   "ON CONFLICT (key_id, month) DO UPDATE SET images = images + excluded.images,"
-                   " video_seconds = video_seconds + excluded.video_seconds",
+                   "ON CONFLICT (key_id, month) DO UPDATE SET images = usage.images + "
+                   "excluded.images, video_seconds = usage.video_seconds + "
+                   "excluded.video_seconds",
                    (key_id, month, images, seconds))
 
     # ----------------------------------------------------------------------------------------
@@ -466,10 +447,11 @@ class Store:
         with self.transaction() as db:
             seqs = [r["seq"] for r in (
                 db.execute("SELECT seq FROM jobs WHERE status = 'queued' AND deleted = 0 "
-                           "ORDER BY seq LIMIT 1").fetchone(),
+                           f"ORDER BY seq LIMIT 1{self._db.skip_locked}").fetchone(),
                 db.execute("SELECT seq FROM jobs WHERE status = 'processing' AND deleted = 0 "
-                           "AND coalesce(lease_expires_at, 0) <= ? ORDER BY seq LIMIT 1",
-                           (now,)).fetchone()) if r is not None]
+                           "AND coalesce(lease_expires_at, 0) <= ? ORDER BY seq "
+                           f"LIMIT 1{self._db.skip_locked}", (now,)).fetchone())
+                if r is not None]
             if not seqs:
                 return None
             seq = min(seqs)
@@ -490,7 +472,8 @@ class Store:
         """Give a job back unfinished (a worker stopping cleanly): queued again at once, and
         the attempt is not counted as an interruption."""
         return self._exec("UPDATE jobs SET status = 'queued', progress = 0, lease_owner = NULL, "
-                          "lease_expires_at = NULL, attempts = max(attempts - 1, 0) "
+                          "lease_expires_at = NULL, "
+                          "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END "
                           "WHERE id = ? AND status = 'processing' AND lease_owner = ?",
                           (job_id, owner)) > 0
 
@@ -499,7 +482,8 @@ class Store:
         are closed as failed (and not charged) and their ids returned, for their files to go."""
         with self.transaction() as db:
             rows = db.execute("SELECT * FROM jobs WHERE status = 'processing' AND deleted = 1 "
-                              "AND coalesce(lease_expires_at, 0) <= ?", (now,)).fetchall()
+                              f"AND coalesce(lease_expires_at, 0) <= ?{self._db.skip_locked}",
+                              (now,)).fetchall()
             for r in rows:
                 job = _job(r)
                 db.execute("UPDATE jobs SET status = 'failed', error_code = 'interrupted', "
@@ -541,7 +525,8 @@ class Store:
         """
         with self.transaction() as db:
             held = db.execute("SELECT deleted FROM jobs WHERE id = ? AND status = 'processing' "
-                              "AND lease_owner = ?", (job_id, owner)).fetchone()
+                              f"AND lease_owner = ?{self._db.lock_rows}",
+                              (job_id, owner)).fetchone()
             if held is None:
                 return None
             if publish is not None and not held["deleted"]:
@@ -599,10 +584,12 @@ class Store:
             rows = [r for r in (
                 db.execute("SELECT id, next_attempt_at AS t FROM deliveries WHERE "
                            "status = 'pending' AND next_attempt_at <= ? "
-                           "ORDER BY next_attempt_at LIMIT 1", (now,)).fetchone(),
+                           f"ORDER BY next_attempt_at LIMIT 1{self._db.skip_locked}",
+                           (now,)).fetchone(),
                 db.execute("SELECT id, lease_expires_at AS t FROM deliveries WHERE "
                            "status = 'sending' AND coalesce(lease_expires_at, 0) <= ? "
-                           "ORDER BY lease_expires_at LIMIT 1", (now,)).fetchone())
+                           f"ORDER BY lease_expires_at LIMIT 1{self._db.skip_locked}",
+                           (now,)).fetchone())
                 if r is not None]
             if not rows:
                 return None
@@ -625,7 +612,7 @@ class Store:
                         "SELECT min(next_attempt_at) AS t FROM deliveries "
                         "WHERE status = 'pending' UNION ALL "
                         "SELECT min(coalesce(lease_expires_at, 0)) AS t FROM deliveries "
-                        "WHERE status = 'sending')")
+                        "WHERE status = 'sending') AS due")
         return float(row["t"]) if row and row["t"] is not None else None
 
     def record_attempt(self, delivery_id: str, *, owner: str, status: str,
@@ -667,18 +654,20 @@ class Store:
         request over ``limit`` is not counted. Shared by every process on the store, and kept
         across restarts."""
         with self.transaction() as db:
-            row = db.execute("SELECT started_at, count FROM rate_windows WHERE key_id = ?",
-                             (key_id,)).fetchone()
-            start, count = (float(row["started_at"]), int(row["count"])) if row else (now, 0)
+            # the key's row exists (an empty window if new) and is locked until the commit, so
+            # API replicas counting the same key at once wait for each other
+            db.execute("INSERT INTO rate_windows (key_id, started_at, count) VALUES (?, ?, 0) "
+                       "ON CONFLICT (key_id) DO NOTHING", (key_id, now))
+            row = db.execute("SELECT started_at, count FROM rate_windows WHERE key_id = ?"
+                             f"{self._db.lock_rows}", (key_id,)).fetchone()
+            start, count = float(row["started_at"]), int(row["count"])
             if not start <= now < start + window_s:  # ended (or the clock went back)
                 start, count = now, 0
             allowed = count < limit
             if allowed:
                 count += 1
-                db.execute("INSERT INTO rate_windows (key_id, started_at, count) "
-                           "VALUES (?, ?, ?) ON CONFLICT (key_id) DO UPDATE SET "
-                           "started_at = excluded.started_at, count = excluded.count",
-                           (key_id, start, count))
+                db.execute("UPDATE rate_windows SET started_at = ?, count = ? WHERE key_id = ?",
+                           (start, count, key_id))
             self._rate_calls += 1
             if self._rate_calls % RATE_SWEEP_EVERY == 0:  # forget idle keys
                 db.execute("DELETE FROM rate_windows WHERE started_at < ?", (now - window_s,))
@@ -691,19 +680,29 @@ class Store:
                       definition: dict[str, Any], now: float) -> bool:
         """A new stream (version 1, run by no worker yet); False, and nothing written, when a
         stream with this id or name exists."""
-        with self.transaction() as db:
-            if db.execute("SELECT 1 FROM streams WHERE id = ? OR name = ?",
-                          (stream_id, name)).fetchone():
-                return False
-            db.execute("INSERT INTO streams (id, name, owner, definition, version, created_at, "
-                       "updated_at) VALUES (?, ?, ?, ?, 1, ?, ?)",
-                       (stream_id, name, owner, json.dumps(definition), now, now))
+        try:
+            with self.transaction() as db:
+                if db.execute("SELECT 1 FROM streams WHERE id = ? OR name = ?",
+                              (stream_id, name)).fetchone():
+                    return False
+                db.execute("INSERT INTO streams (id, name, owner, definition, version, "
+                           "created_at, updated_at) VALUES (?, ?, ?, ?, 1, ?, ?)",
+                           (stream_id, name, owner, json.dumps(definition), now, now))
+        except self._db.conflict_errors:  # another process inserted it meanwhile
+            return False
         return True
 
     def upsert_stream(self, *, stream_id: str, name: str, owner: str | None,
                       definition: dict[str, Any], now: float) -> StreamRow | None:
         """Insert the stream ``stream_id``, or replace its definition (bumping the version
         when it changed); None when another stream has this name."""
+        try:
+            return self._upsert_stream(stream_id, name, owner, definition, now)
+        except self._db.conflict_errors:  # inserted by another process meanwhile: once more
+            return self._upsert_stream(stream_id, name, owner, definition, now)
+
+    def _upsert_stream(self, stream_id: str, name: str, owner: str | None,
+                       definition: dict[str, Any], now: float) -> StreamRow | None:
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM streams WHERE name = ? AND id != ?",
                           (name, stream_id)).fetchone():
@@ -774,7 +773,8 @@ class Store:
             return None
         with self.transaction() as db:
             row = db.execute("SELECT id FROM streams WHERE coalesce(lease_expires_at, 0) <= ? "
-                             "ORDER BY created_at, id LIMIT 1", (now,)).fetchone()
+                             f"ORDER BY created_at, id LIMIT 1{self._db.skip_locked}",
+                             (now,)).fetchone()
             if row is None:
                 return None
             db.execute("UPDATE streams SET lease_owner = ?, lease_expires_at = ?, "

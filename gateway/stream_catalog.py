@@ -68,9 +68,9 @@ class StreamCatalog:
         self.stream_settings = stream_settings
         self.config_file = config_file
         self.service = service
-        self.secrets = StreamSecrets(settings.data_dir)
+        self.secrets = StreamSecrets(settings.storage_dir)
         self.recordings = RecordingIndex()
-        self.record_dir = record_dir(stream_settings, settings.data_dir)
+        self.record_dir = record_dir(stream_settings, settings.storage_dir)
         self._http: httpx.AsyncClient | None = None
 
     @property

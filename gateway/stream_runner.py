@@ -90,7 +90,7 @@ class StreamRunner:
         self.worker_id = worker_id
         self.lease_s = settings.lease_s
         self.max_streams = stream_settings.max_streams
-        self.manager = StreamManager(settings.data_dir, settings.host, stream_settings,
+        self.manager = StreamManager(settings.storage_dir, settings.host, stream_settings,
                                      detector_threads=settings.detector_threads)
         self.secrets: StreamSecrets = self.manager.secrets
         self.control_url: str | None = None

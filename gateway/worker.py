@@ -169,9 +169,9 @@ def run_worker(settings: Settings, stream_settings: StreamSettings | None = None
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    layout = Layout(settings.data_dir)
+    layout = Layout(settings.storage_dir)
     layout.create(clean_uploads=False)  # uploads in tmp/ are the API's
-    store = Store(settings.db_path)
+    store = Store(settings.store_target)
     migrate_streams_file(store, settings.data_dir)  # a data directory of an older release
     worker = Worker(settings, store, layout, Metrics(lambda: store), stream_settings)
     try:

@@ -393,6 +393,11 @@ class Plane:
     def db_path(self) -> Path:
         return self.data_dir / "redact.db"
 
+    @property
+    def store_target(self) -> Path | str:
+        """The plane's database: its PostgreSQL URL when the processes were given one."""
+        return self.api.env.get("REDACT_DATABASE_URL") or self.db_path
+
     def worker_of(self, owner: str | None) -> WorkerProcess:
         """The worker process a claim's owner (``host:pid:random/claim``) names."""
         assert owner is not None
@@ -405,7 +410,7 @@ class Plane:
         from gateway.store import Store
 
         deadline = time.monotonic() + timeout_s
-        with contextlib.closing(Store(self.db_path)) as db:
+        with contextlib.closing(Store(self.store_target)) as db:
             while len([w for w in db.live_workers(time.time() - lease_s) if w.ready]) < n:
                 assert time.monotonic() < deadline, [w.text()[-2000:] for w in self.workers]
                 time.sleep(0.05)

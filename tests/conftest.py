@@ -14,7 +14,7 @@ import os
 # `auto` never picks the simulator (engines.gpu), so every other test runs on the CPU path.
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cache
@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 import skimage.data
 
+from benchmarks.postgres_server import PostgresServer
+from benchmarks.postgres_server import unavailable as postgres_unavailable
 from engines.registry import (
     IMAGE_PROFILE,
     VIDEO_PROFILE,
@@ -79,6 +81,35 @@ def lfw_non_faces() -> np.ndarray:
 @pytest.fixture
 def astronaut_bgr() -> np.ndarray:
     return astronaut_bgr_image()
+
+
+# --------------------------------------------------------------------------------------------
+# databases: the SQLite file, and a PostgreSQL server started for the session
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server on loopback; skipped with the reason where none can start
+    (REDACT_REQUIRE_POSTGRES=1, as CI sets: failed instead)."""
+    why = postgres_unavailable()
+    if why is not None:
+        if os.environ.get("REDACT_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL is required here: {why}")
+        pytest.skip(f"needs a PostgreSQL server: {why}")
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """What a Store opens: a new SQLite file, or a new database on the PostgreSQL server."""
+    if request.param == "sqlite":
+        return tmp_path / "redact.db"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.database()
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ class JobPlane(Plane):
     """An API without a worker and two worker processes on one data directory, for jobs."""
 
     def job(self, job_id: str) -> Job:
-        with contextlib.closing(Store(self.db_path)) as db:
+        with contextlib.closing(Store(self.store_target)) as db:
             job = db.job_any(job_id)
         assert job is not None
         return job
@@ -74,10 +74,14 @@ class JobPlane(Plane):
         return sorted(p.name for p in (self.data_dir / "jobs" / job_id).iterdir())
 
 
-@pytest.fixture
-def plane(tmp_path: Path) -> Iterator[JobPlane]:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def plane(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobPlane]:
+    """On one SQLite file, or on a PostgreSQL database (as workers on many machines are)."""
+    env = dict(ENV)
+    if request.param == "postgresql":
+        env["REDACT_DATABASE_URL"] = request.getfixturevalue("postgres_server").database()
     # /readyz answers 200 once a worker's heartbeat says its models are loaded
-    p = start_plane(JobPlane, tmp_path / "data", ENV, workers=2)
+    p = start_plane(JobPlane, tmp_path / "data", env, workers=2)
     try:
         p.wait_ready_workers(2, LEASE_S, timeout_s=30)
         yield p
@@ -111,17 +115,15 @@ def wait_mid_job(plane: JobPlane, job_id: str, min_progress: float = 0.1,
         time.sleep(0.02)
 
 
-def pause(worker: WorkerProcess, db_path: Path) -> None:
-    """SIGSTOP ``worker`` at a moment it does not hold the database's write lock (a paused
-    holder would keep every other process waiting)."""
-    with contextlib.closing(Store(db_path, busy_timeout_s=0.2)) as probe:
+def pause(worker: WorkerProcess, target: Path | str) -> None:
+    """SIGSTOP ``worker`` at a moment it is not inside a transaction (a paused holder of
+    SQLite's write lock, or of PostgreSQL row locks, would keep other processes waiting)."""
+    if isinstance(target, str):
+        _pause_outside_transactions(worker, target)
+        return
+    with contextlib.closing(Store(target, busy_timeout_s=0.2)) as probe:
         for _ in range(50):
-            worker.signal(signal.SIGSTOP)
-            deadline = time.monotonic() + 2
-            while Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] \
-                    != "T":
-                assert time.monotonic() < deadline, "SIGSTOP did not take"
-                time.sleep(0.005)
+            _stopped(worker)
             try:
                 probe.renew_lease("probe", "probe", 0.0)  # takes the write lock, changes nothing
                 return
@@ -129,6 +131,28 @@ def pause(worker: WorkerProcess, db_path: Path) -> None:
                 worker.signal(signal.SIGCONT)
                 time.sleep(0.02)
     raise AssertionError("the worker always held the write lock")
+
+
+def _stopped(worker: WorkerProcess) -> None:
+    worker.signal(signal.SIGSTOP)
+    deadline = time.monotonic() + 2
+    while Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline, "SIGSTOP did not take"
+        time.sleep(0.005)
+
+
+def _pause_outside_transactions(worker: WorkerProcess, url: str) -> None:
+    with contextlib.closing(Store(url)) as probe:
+        for _ in range(50):
+            _stopped(worker)
+            open_tx = probe._one("SELECT count(*) AS n FROM pg_stat_activity WHERE "
+                                 "datname = current_database() AND state IN ('idle in "
+                                 "transaction', 'idle in transaction (aborted)')")
+            if open_tx is not None and open_tx["n"] == 0:
+                return
+            worker.signal(signal.SIGCONT)
+            time.sleep(0.02)
+    raise AssertionError("the worker was always inside a transaction")
 
 
 def wait_log(worker: WorkerProcess, pattern: str, timeout_s: float = 15.0) -> str:
@@ -194,13 +218,13 @@ def test_two_workers_send_each_webhook_attempt_once(plane: JobPlane, receiver: R
                                 g.headers["x-redact-signature"])
         attempts.setdefault(json.loads(g.body)["id"], set()).add(g.headers["x-redact-attempt"])
     assert attempts == {job_id: {"1", "2"} for job_id in jobs}
-    with contextlib.closing(Store(plane.db_path)) as db:
+    with contextlib.closing(Store(plane.store_target)) as db:
         for job_id in jobs:
             (d,) = db.deliveries_for(job_id)
             assert (d.status, d.attempts, d.last_status_code) == ("delivered", 2, 200)
     for w in plane.workers:  # both stop cleanly on SIGTERM and leave no heartbeat behind
         assert w.stop() == 0
-    with contextlib.closing(Store(plane.db_path)) as db:
+    with contextlib.closing(Store(plane.store_target)) as db:
         assert db.live_workers(0) == []
     ready = httpx.get(f"{plane.api.url}/readyz", timeout=10)  # the API alone is not ready
     assert ready.status_code == 503 and ready.json()["error"]["code"] == "no_worker"
@@ -211,7 +235,7 @@ def test_a_worker_paused_past_its_lease_has_its_late_result_refused(
         plane: JobPlane, receiver: Receiver, tmp_path: Path) -> None:
     job_id = plane.post(long_clip(tmp_path), "long.mp4", receiver.url)
     paused = plane.holder(wait_mid_job(plane, job_id))
-    pause(paused, plane.db_path)
+    pause(paused, plane.store_target)
     try:
         with httpx.Client(base_url=plane.api.url, timeout=30) as c:
             done = wait_job(c, plane.key, job_id, timeout_s=60)
@@ -256,8 +280,8 @@ def _finish(db: Store, owner: str, now: float, faces: int, published: list[str])
                          publish=lambda: published.append(owner))
 
 
-def test_job_leases_fence_claims_renewals_and_finishes(tmp_path: Path) -> None:
-    db = Store(tmp_path / "redact.db")
+def test_job_leases_fence_claims_renewals_and_finishes(store_target: Path | str) -> None:
+    db = Store(store_target)
     key, _ = db.create_key("k", "pro")
     now = time.time()
     _job(db, "med_1", key.id, now, webhook="http://127.0.0.1/hook")
@@ -307,8 +331,8 @@ def test_job_leases_fence_claims_renewals_and_finishes(tmp_path: Path) -> None:
     db.close()
 
 
-def test_webhook_claims_are_fenced(tmp_path: Path) -> None:
-    db = Store(tmp_path / "redact.db")
+def test_webhook_claims_are_fenced(store_target: Path | str) -> None:
+    db = Store(store_target)
     now = time.time()
     db.add_delivery(event_id="evt_1", job_id="med_1", key_id="key_1", url="http://x/",
                     event="media.completed", body=b"{}", now=now)
@@ -339,8 +363,8 @@ def test_webhook_claims_are_fenced(tmp_path: Path) -> None:
     db.close()
 
 
-def test_rate_limit_windows_survive_a_new_store(tmp_path: Path) -> None:
-    path = tmp_path / "redact.db"
+def test_rate_limit_windows_survive_a_new_store(store_target: Path | str) -> None:
+    path = store_target
     now = time.time()
     first = Store(path)
     limiter = RateLimiter(first)
