@@ -51,6 +51,7 @@ CONTENT_TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".webp": "image/webp
 PROGRESS_EVERY_S = 0.5  # progress is written to the store at most this often per job
 REDACTOR_CACHE = 8  # redactors (built detectors) kept for different category/method choices
 IDLE_POLL_S = 0.5  # an idle worker looks at the store this often even without a wake-up
+STALE_UPLOAD_S = 3600.0  # an upload in tmp/ untouched this long was cut off: the sweeper deletes it
 MIB = 1024 * 1024
 # Working memory of one job, estimated before it runs from its declared size and categories
 # (measured with psutil on 21-megapixel photos). A photo holds its BGR array (3 bytes a pixel)
@@ -204,7 +205,8 @@ class Layout:
 
     def create(self, clean_uploads: bool = True) -> None:
         """Make the directories; ``clean_uploads``: delete uploads a restart cut off (the
-        API's start; a worker leaves ``tmp/`` alone)."""
+        start of the only API process on these files; a worker, or an API replica sharing
+        them with others that may be receiving uploads now, leaves ``tmp/`` to the sweeper)."""
         for d in (self.root, self.tmp, self.jobs):
             d.mkdir(parents=True, exist_ok=True)
         if not clean_uploads:
@@ -238,6 +240,18 @@ class Layout:
             for p in self.job_dir(job_id).iterdir():
                 if p.name.startswith(("output.partial", ".output.partial", ".manifest.json.")):
                     with contextlib.suppress(OSError):
+                        p.unlink()
+                        n += 1
+        return n
+
+    def remove_stale_uploads(self, now: float, older_than_s: float = STALE_UPLOAD_S) -> int:
+        """Delete uploads in ``tmp/`` untouched for ``older_than_s`` (cut off by an API
+        replica that died; one being received is written to all the time); how many."""
+        n = 0
+        with contextlib.suppress(OSError):
+            for p in self.tmp.iterdir():
+                with contextlib.suppress(OSError):
+                    if p.stat().st_mtime < now - older_than_s:
                         p.unlink()
                         n += 1
         return n
@@ -599,6 +613,8 @@ class Sweeper:
         for job_id in self.store.reap_abandoned(time.time()):
             self.layout.remove_files(job_id)
             log.info("job %s: deleted while processing, its worker gone: files removed", job_id)
+        if self.layout.remove_stale_uploads(time.time()):
+            log.info("removed uploads cut off by an API process that died")
         ids = self.store.due_for_expiry(time.time() if now is None else now)
         for job_id in ids:
             self.layout.remove_files(job_id)

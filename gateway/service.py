@@ -66,7 +66,7 @@ class Service:
         """Open the store, run ``before_worker()`` and start the in-process worker (if any).
         Jobs and streams a dead process left are not touched here: a worker takes each over
         once its lease has run out."""
-        self.layout.create()
+        self.layout.create(clean_uploads=not self.settings.shared)
         self.store = Store(self.settings.store_target)
         self._limiter = RateLimiter(self.store)
         if before_worker is not None:

@@ -151,6 +151,12 @@ class Settings(BaseSettings):
         return self.database_url or self.db_path
 
     @property
+    def shared(self) -> bool:
+        """Whether other machines may share this process's database and files (API replicas,
+        workers elsewhere): set by a PostgreSQL database or a storage directory."""
+        return self.database_url is not None or self.storage is not None
+
+    @property
     def storage_dir(self) -> Path:
         """Where job files, recordings and the viewer-token key live."""
         return self.storage or self.data_dir
