@@ -3,6 +3,14 @@ lost jobs) and concurrent large uploads (the server's peak memory).
 
     python -m benchmarks.api_load --photos ../shared/eval/faces_kaggle_facemask --n 50
     python -m benchmarks.api_load --big 20 --big-mb 24
+    python -m benchmarks.api_load --photos ../shared/eval/faces_kaggle_facemask --n 60 --cluster
+
+``--cluster`` runs the same batch against one ``redact serve`` on SQLite and then against 2 API
+replicas (``redact serve --no-worker``) and 3 ``redact worker`` processes sharing a PostgreSQL
+server (started for the run, durable: fsync on) and one storage directory, uploads spread over
+the replicas, and reports jobs/s of each, their ratio, jobs lost, outputs published more than
+once (a job completed by two workers) and 5xx answers. All of it on this one machine: the ratio
+is the cost of the many-machine path on the same cores, not a gain from more machines.
 
 Starts ``redact serve`` in a subprocess on a temporary data directory, prints a table and one
 JSON line. The photos are compared with the CLI two ways: ``cli_files_per_s`` is the engine
@@ -16,9 +24,11 @@ the medians of the rounds, ``rounds`` lists them all.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -36,32 +46,55 @@ import numpy as np
 import psutil
 from PIL import Image
 
+from benchmarks.postgres_server import PostgresServer
+from benchmarks.postgres_server import unavailable as postgres_unavailable
 from gateway.store import Store
 from pipeline.files import Redactor, RedactSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_ready(url: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready")
+
+
 class Server:
+    """One ``redact serve`` (its own worker inside) on a SQLite file."""
+
     def __init__(self, data_dir: Path, port: int, workers: int) -> None:
         env = {**os.environ, "REDACT_DATA_DIR": str(data_dir), "REDACT_WORKERS": str(workers)}
-        self.key = Store(data_dir / "redact.db").create_key("bench", "scale")[1]
+        self.store_target: Path | str = data_dir / "redact.db"
+        self.key = Store(self.store_target).create_key("bench", "scale")[1]
         self.url = f"http://127.0.0.1:{port}"
+        self.urls = [self.url]
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port",
                                       str(port)], cwd=REPO, env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.peak_rss = 0
         self._stop = threading.Event()
         threading.Thread(target=self._sample, daemon=True).start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("server not ready")
+        _wait_ready(self.url)
+
+    def completions(self) -> dict[str, int]:
+        """How many times each job was published (one process: from the store)."""
+        with contextlib.closing(Store(self.store_target)) as db:
+            return {j: 1 for j in (r["id"] for r in db._all(
+                "SELECT id FROM jobs WHERE status = 'completed'"))}
 
     def _sample(self) -> None:
         p = psutil.Process(self.proc.pid)
@@ -78,21 +111,76 @@ class Server:
         self.proc.wait(30)
 
 
-def _run_batch(server: Server, files: list[tuple[str, bytes]], concurrency: int,
+class Cluster:
+    """``apis`` API replicas and ``workers`` worker processes on one PostgreSQL database and one
+    storage directory, each process with a data directory of its own."""
+
+    def __init__(self, root: Path, apis: int, workers: int, slots: int) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.pg = PostgresServer(durable=True).start()
+        self.store_target = self.pg.database()
+        storage = root / "storage"
+        env = {**os.environ, "REDACT_DATABASE_URL": self.store_target,
+               "REDACT_STORAGE": str(storage), "REDACT_WORKERS": str(slots)}
+        self.key = Store(self.store_target).create_key("bench", "scale")[1]
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Path] = []
+        ports = [_free_port() for _ in range(apis)]
+        self.urls = [f"http://127.0.0.1:{p}" for p in ports]
+        for i in range(workers):
+            self._start(root, f"worker{i}", env, ["worker", "--rtsp-port", "0"])
+        for i, port in enumerate(ports):
+            self._start(root, f"api{i}", env, ["serve", "--no-worker", "--port", str(port)])
+        self.peak_rss = 0
+        for url in self.urls:
+            _wait_ready(url)
+
+    def _start(self, root: Path, name: str, env: dict[str, str], args: list[str]) -> None:
+        log = root / f"{name}.log"
+        self.logs.append(log)
+        with open(log, "wb") as out:
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", *args], cwd=REPO,
+                env={**env, "REDACT_DATA_DIR": str(root / name)}, stdout=out,
+                stderr=subprocess.STDOUT))
+
+    def completions(self) -> dict[str, int]:
+        """How many times each job was published, from every worker's log."""
+        counts: dict[str, int] = {}
+        for log in self.logs:
+            for m in re.finditer(r"job (med_\w+): completed", log.read_text(errors="replace")):
+                counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+        return counts
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.pg.stop()
+
+
+def _run_batch(server: Server | Cluster, files: list[tuple[str, bytes]], concurrency: int,
                categories: list[str], key: str | None = None) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {key or server.key}"}
     fields = {"categories[]": categories}
     # one client (thread-safe, a connection per concurrent upload) for the whole batch: the
     # client shares the server's machine, and an httpx.Client per upload would spend ~30 ms
     # of CPU each building its TLS context (1.5 s for 50) that the server then lacks
-    client = httpx.Client(base_url=server.url, headers=headers, timeout=300,
+    client = httpx.Client(headers=headers, timeout=300,
                           limits=httpx.Limits(max_connections=concurrency,
                                               max_keepalive_connections=concurrency))
+    urls = server.urls
+    poll_errors = 0
     t0 = time.perf_counter()
 
-    def submit(item: tuple[str, bytes]) -> tuple[int, str | None]:
-        for _ in range(50):
-            r = client.post("/v1/media", data=fields,
+    def submit(numbered: tuple[int, tuple[str, bytes]]) -> tuple[int, str | None]:
+        n, item = numbered
+        for _ in range(50):  # uploads spread over the replicas
+            r = client.post(f"{urls[n % len(urls)]}/v1/media", data=fields,
                             files={"file": (item[0], item[1], "application/octet-stream")})
             if r.status_code in (429, 503):
                 time.sleep(float(r.headers.get("retry-after", "1")))
@@ -101,7 +189,7 @@ def _run_batch(server: Server, files: list[tuple[str, bytes]], concurrency: int,
         return 599, None
 
     with client, ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(submit, files))
+        results = list(pool.map(submit, enumerate(files)))
         codes = [c for c, _ in results]
         ids = [i for _, i in results if i]
         done: dict[str, str] = {}
@@ -111,8 +199,12 @@ def _run_batch(server: Server, files: list[tuple[str, bytes]], concurrency: int,
             time.sleep(0.1)  # one listing request per poll: polling must not load the server
             cursor = None
             while True:
-                page = client.get("/v1/media", params={"limit": 100, **(
-                    {"cursor": cursor} if cursor else {})}).json()
+                got = client.get(f"{urls[-1]}/v1/media", params={"limit": 100, **(
+                    {"cursor": cursor} if cursor else {})})
+                if got.status_code >= 500:
+                    poll_errors += 1
+                    break
+                page = got.json()
                 for job in page["data"]:
                     if job["id"] in wanted and job["status"] in ("completed", "failed"):
                         done[job["id"]] = job["status"]
@@ -120,8 +212,10 @@ def _run_batch(server: Server, files: list[tuple[str, bytes]], concurrency: int,
                 if not cursor:
                     break
     wall = time.perf_counter() - t0
+    published = server.completions()
     return {"codes": sorted(set(codes)), "files": len(files),
-            "server_errors": sum(c >= 500 for c in codes),
+            "server_errors": sum(c >= 500 for c in codes) + poll_errors,
+            "duplicated": sum(published.get(i, 0) > 1 for i in ids),
             "accepted": len(ids), "completed": sum(s == "completed" for s in done.values()),
             "failed": sum(s == "failed" for s in done.values()),
             "lost": len(ids) - len(done), "wall_s": round(wall, 2),
@@ -209,6 +303,44 @@ def _photo_report(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _cluster_report(server: Server, root: Path, paths: list[Path], args: argparse.Namespace,
+                    cats: list[str]) -> dict[str, Any]:
+    """Rounds of the same batch on ``server`` (one process, SQLite) and on a cluster, in turn;
+    medians of the rates and of their ratio, totals of what went wrong."""
+    files = [(p.name, p.read_bytes()) for p in paths]
+    cluster = Cluster(root / "cluster", args.replicas, args.cluster_workers, args.slots)
+    rounds: list[dict[str, Any]] = []
+    try:
+        for i in range(max(1, args.repeat)):
+            one_key = Store(server.store_target).create_key(f"bench{i}", "scale")[1]
+            many_key = Store(cluster.store_target).create_key(f"bench{i}", "scale")[1]
+            one = _run_batch(server, files, args.concurrency, cats, one_key)
+            many = _run_batch(cluster, files, args.concurrency, cats, many_key)
+            rounds.append({"one": one, "many": many})
+    finally:
+        cluster.stop()
+
+    def med(xs: list[float]) -> float:
+        return round(statistics.median(xs), 3)
+
+    one_rate = [r["one"]["files_per_s"] for r in rounds]
+    many_rate = [r["many"]["files_per_s"] for r in rounds]
+    out: dict[str, Any] = {
+        "files": len(files), "repeat": len(rounds),
+        "sqlite_one_process_files_per_s": med(one_rate),
+        "postgres_cluster_files_per_s": med(many_rate),
+        "cluster_vs_one": med([m / o for m, o in zip(many_rate, one_rate, strict=True)]),
+        "cluster": f"{args.replicas} API replicas + {args.cluster_workers} workers x "
+                   f"{args.slots} slot(s) on PostgreSQL; one process: {args.workers} slot(s)",
+    }
+    for what in ("lost", "duplicated", "server_errors", "failed"):
+        out[f"{what}_one"] = sum(r["one"][what] for r in rounds)
+        out[f"{what}_cluster"] = sum(r["many"][what] for r in rounds)
+    out["rounds"] = [{"one": r["one"]["files_per_s"], "cluster": r["many"]["files_per_s"]}
+                     for r in rounds]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -222,7 +354,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3,
                     help="rounds of the photo comparison (medians are reported)")
     ap.add_argument("--port", type=int, default=0, help="0: a free one")
+    ap.add_argument("--cluster", action="store_true",
+                    help="compare one process on SQLite with API replicas and workers on "
+                         "PostgreSQL (with --photos; the CLI comparison is skipped)")
+    ap.add_argument("--replicas", type=int, default=2, help="API replicas of --cluster")
+    ap.add_argument("--cluster-workers", type=int, default=3,
+                    help="worker processes of --cluster")
+    ap.add_argument("--slots", type=int, default=1,
+                    help="REDACT_WORKERS of each --cluster worker")
     args = ap.parse_args(argv)
+    if args.cluster:
+        if not args.photos:
+            ap.error("--cluster needs --photos")
+        why = postgres_unavailable()
+        if why:
+            print(f"benchmarks.api_load --cluster: skipped: {why}")
+            print(json.dumps({"skipped": why}))
+            return 0
     if not args.port:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -232,7 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(Path(tmp), args.port, args.workers)
         try:
-            if args.photos:
+            if args.cluster:
+                paths = sorted(p for p in args.photos.rglob("*")
+                               if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:args.n]
+                report["cluster"] = _cluster_report(server, Path(tmp), paths, args, cats)
+            elif args.photos:
                 paths = sorted(p for p in args.photos.rglob("*")
                                if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:args.n]
                 files = [(p.name, p.read_bytes()) for p in paths]

@@ -8,6 +8,8 @@ is receiving."""
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -126,3 +128,21 @@ def test_rate_limits_hold_across_replicas(cluster: Cluster) -> None:
         got = [c.get(f"{cluster.apis[i % 2].url}/v1/account", headers=key.headers).status_code
                for i in range(limit + 6)]
     assert got == [200] * limit + [429] * 6, got
+
+
+def test_the_load_benchmark_compares_a_cluster_with_one_process(
+        postgres_server: PostgresServer, tmp_path: Path) -> None:
+    from benchmarks import api_load
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(4):
+        (photos / f"p{i}.jpg").write_bytes(jpeg_bytes())
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert api_load.main(["--photos", str(photos), "--n", "4", "--cluster", "--repeat", "1",
+                              "--concurrency", "4", "--cluster-workers", "2"]) == 0
+    report = json.loads(buf.getvalue().splitlines()[-1])["cluster"]
+    assert report["files"] == 4 and report["postgres_cluster_files_per_s"] > 0
+    for what in ("lost", "duplicated", "server_errors", "failed"):
+        assert report[f"{what}_one"] == 0 and report[f"{what}_cluster"] == 0, report
