@@ -212,7 +212,7 @@ def add_worker_parser(sub: Any) -> None:
                     "data directory that `redact serve` (e.g. with --no-worker) also uses. "
                     "Several workers may run at once, on this machine or others sharing the "
                     "directory: each job, webhook attempt and live stream is claimed under a "
-                    "lease (REDACT_LEASE_S, default 30 s) renewed while it runs, so work a "
+                    "lease (REDACT_LEASE_S, default 12 s) renewed while it runs, so work a "
                     "killed worker held is taken over by another once the lease runs out, and a "
                     "result is published once. Each worker serves the streams it runs on its "
                     "own RTSP server. Stops cleanly on SIGTERM or Ctrl-C (a job still running "

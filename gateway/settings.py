@@ -78,7 +78,8 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(default=60.0, gt=0)
     # work a worker claims (a job, a webhook delivery) is its for this long, renewed every
     # third of it while it runs; a worker that dies or stalls loses it to another after this
-    lease_s: float = Field(default=30.0, gt=0)
+    # (12 s: a killed worker's job is running again elsewhere within about 12 s)
+    lease_s: float = Field(default=12.0, gt=0)
     # this process's name in leases and heartbeats (host:pid:random)
     worker_id: str = Field(default_factory=process_worker_id, min_length=1, max_length=200)
     # `redact serve` runs the workers in its own process too (`--no-worker`: the API alone)
