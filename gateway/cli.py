@@ -75,6 +75,17 @@ def run_worker(args: argparse.Namespace) -> int:
     return run(settings, stream_settings)
 
 
+def run_ray_streams(args: argparse.Namespace) -> int:
+    from gateway.ray_streams import run_ray_streams as run
+
+    settings = _settings(args, ray_address=args.ray_address)
+    level = "debug" if args.verbose else settings.log_level
+    logging.getLogger().setLevel(level.upper())
+    sys.stderr.write(f"redact ray-streams {settings.worker_id}: {_where(settings)}, Ray "
+                     f"cluster {settings.ray_address or '(none given)'}\n")
+    return run(settings)
+
+
 def _where(settings: Any) -> str:
     """Where a process keeps its state, for its first line."""
     from gateway.database import display_name
@@ -226,6 +237,25 @@ def add_worker_parser(sub: Any) -> None:
     p.set_defaults(func=run_worker)
 
 
+def add_ray_streams_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "ray-streams", help="keep the live streams running as actors on a Ray cluster",
+        description="Keep every live stream of the database running as a detached actor on a "
+                    "Ray cluster (placed by Ray with REDACT_RAY_STREAM_CPUS CPUs each, and "
+                    "REDACT_RAY_STREAM_GPUS of a GPU for a cuda stream; restarted by Ray on "
+                    "another node when its node dies), and remove the actors of deleted "
+                    "streams. Run it on one or more Ray nodes: one leads at a time, chosen "
+                    "through the database. After the cluster is lost, the streams are created "
+                    "again from the database once a head is back. Workers and API processes "
+                    "given the same REDACT_RAY_ADDRESS leave the streams to the actors. Needs "
+                    "the [ray] and [postgres] extras.")
+    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="the cluster's address, host:port of its head, or auto for this "
+                        "node's (default: $REDACT_RAY_ADDRESS)")
+    _data_dir_option(p)
+    p.set_defaults(func=run_ray_streams)
+
+
 def add_keys_parser(sub: Any) -> None:
     p = sub.add_parser("keys", help="create, list and revoke API keys",
                        description="API keys of the REST API (stored hashed in the data dir).")
@@ -257,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     cats.set_defaults(func=list_categories)
     add_serve_parser(sub)
     add_worker_parser(sub)
+    add_ray_streams_parser(sub)
     add_keys_parser(sub)
     return parser
 
@@ -267,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING
     if args.verbose:
         level = logging.DEBUG
-    elif getattr(args, "command", None) in ("serve", "worker"):
+    elif getattr(args, "command", None) in ("serve", "worker", "ray-streams"):
         level = logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):

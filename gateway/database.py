@@ -12,8 +12,8 @@ both: written with ``?`` placeholders, turned into ``%s`` for PostgreSQL here.
 - PostgreSQL: one connection per process (psycopg 3, ``pip install redaction-gateway[postgres]``),
   reopened when the server went away; transactions are READ COMMITTED, and the store's claims
   lock the rows they read (``FOR UPDATE SKIP LOCKED``: concurrent workers take different jobs
-  without waiting for each other). The schema is created (and later versions migrated) under
-  an advisory lock, so replicas starting together create it once.
+  without waiting for each other). Missing tables, indexes and columns are added at start-up
+  under an advisory lock, so replicas starting together migrate once.
 """
 
 from __future__ import annotations
@@ -196,6 +196,7 @@ class PostgresDatabase(Database):
     ``postgresql://redact:secret@db.internal:5432/redact``)."""
 
     kind = "postgresql"
+    schema_version = 2  # bumped with each change to the store's tables
     lock_rows = " FOR UPDATE"
     skip_locked = " FOR UPDATE SKIP LOCKED"
 
@@ -249,35 +250,28 @@ class PostgresDatabase(Database):
 
     def create_schema(self, schema: str, added_columns: dict[str, tuple[tuple[str, str], ...]],
                       ) -> None:
-        """Create the tables once (whoever starts first; the others wait on the advisory lock),
-        then apply each migration not yet recorded in ``schema_version``."""
-        pg_schema = postgres_schema(schema)
+        """Bring the database to the store's schema, under an advisory lock (replicas starting
+        together wait for each other): every table and index that is missing, every column
+        an older version lacks; ``schema_version`` records when each version first ran."""
         with self.transaction() as db:
             db.execute(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+            for statement in postgres_schema(schema).split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            for table, columns in added_columns.items():
+                for name, kind in columns:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} "
+                               f"{postgres_schema(kind)}")
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
                        "applied_at DOUBLE PRECISION NOT NULL)")
-            done = {r["version"] for r in db.execute("SELECT version FROM schema_version")}
-            for version, statements in enumerate(_migrations(pg_schema, added_columns), 1):
-                if version in done:
-                    continue
-                for statement in statements:
-                    db.execute(statement)
-                db.execute("INSERT INTO schema_version (version, applied_at) "
-                           "VALUES (?, extract(epoch from now()))", (version,))
+            db.execute("INSERT INTO schema_version (version, applied_at) "
+                       "VALUES (?, extract(epoch from now())) ON CONFLICT DO NOTHING",
+                       (self.schema_version,))
 
     def close(self) -> None:
         with self.lock:
             if self._conn is not None:
                 self._conn.close()
-
-
-def _migrations(pg_schema: str, added_columns: dict[str, tuple[tuple[str, str], ...]],
-                ) -> list[list[str]]:
-    """PostgreSQL's migrations, in order: the first creates every table as the schema now
-    stands (it already has the columns SQLite files gained later); a new version appends one."""
-    del added_columns  # in the first version's tables already
-    first = [s.strip() for s in pg_schema.split(";") if s.strip()]
-    return [first]
 
 
 def open_database(target: Path | str, busy_timeout_s: float = 30.0) -> Database:

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     # third of it while it runs; a worker that dies or stalls loses it to another after this
     # (12 s: a killed worker's job is running again elsewhere within about 12 s)
     lease_s: float = Field(default=12.0, gt=0)
+    # a Ray cluster that runs the live streams (each as an actor; `redact ray-streams` places
+    # them): workers then run media jobs and webhooks only. "auto": this node's cluster
+    ray_address: str | None = None
+    ray_stream_cpus: float = Field(default=1.0, ge=0)  # CPUs Ray reserves for each stream
+    ray_stream_gpus: float = Field(default=0.25, ge=0, le=1)  # GPU share of a cuda stream
     # this process's name in leases and heartbeats (host:pid:random)
     worker_id: str = Field(default_factory=process_worker_id, min_length=1, max_length=200)
     # `redact serve` runs the workers in its own process too (`--no-worker`: the API alone)

@@ -17,6 +17,7 @@ Callers use only the methods of :class:`Store` (no SQL outside this module):
   ``update_stream``, ``delete_stream``, ``remove_config_streams``, ``claim_stream``,
   ``renew_streams``, ``release_stream``, ``next_stream_expiry``
 - workers: ``worker_seen``, ``remove_worker``, ``live_workers``
+- leaders (one process among many doing a task): ``claim_leader``, ``release_leader``
 - ``close``
 
 Work is shared by leases: a worker claims a job (or a webhook delivery) under an owner name
@@ -152,6 +153,11 @@ CREATE TABLE IF NOT EXISTS streams (
     runtime_at REAL
 );
 CREATE INDEX IF NOT EXISTS streams_by_owner ON streams (owner, created_at);
+CREATE TABLE IF NOT EXISTS leaders (
+    name TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    lease_expires_at REAL NOT NULL
+);
 """
 
 # columns added since the first release: added to an older file when it is opened
@@ -166,7 +172,6 @@ _CLAIMABLE_JOB = ("SELECT 1 FROM jobs WHERE deleted = 0 AND (status = 'queued' O
 _CLAIMABLE_DELIVERY = ("SELECT 1 FROM deliveries WHERE (status = 'pending' AND "
                        "next_attempt_at <= ?) OR (status = 'sending' AND "
                        "coalesce(lease_expires_at, 0) <= ?) LIMIT 1")
-_CLAIMABLE_STREAM = "SELECT 1 FROM streams WHERE coalesce(lease_expires_at, 0) <= ? LIMIT 1"
 RATE_SWEEP_EVERY = 1000  # rate_hit calls between two deletions of idle windows
 WORKER_ROWS_KEPT_S = 24 * 3600  # heartbeats of workers gone this long are deleted"""
 
@@ -765,16 +770,30 @@ class Store:
                 db.execute("DELETE FROM streams WHERE id = ?", (stream_id,))
         return ids
 
-    def claim_stream(self, now: float, owner: str, lease_s: float) -> StreamRow | None:
+    def claim_stream(self, now: float, owner: str, lease_s: float,
+                     stream_id: str | None = None,
+                     take_from: str | None = None) -> StreamRow | None:
         """Take the oldest stream no worker holds (never claimed, released, or under a lease
         that ran out: its worker died or stalled) for ``owner`` until ``now + lease_s``; the
-        runtime figures of an earlier holder are cleared. None when there is none."""
-        if self._one(_CLAIMABLE_STREAM, (now,)) is None:  # idle pollers take no write lock
-            return None
+        runtime figures of an earlier holder are cleared. None when there is none.
+
+        ``stream_id``: only that stream. ``take_from``: also while its lease is held by an
+        owner whose name starts with this (an earlier life of the same Ray actor, restarted
+        after its node died: at most one life runs at a time)."""
+        where = "coalesce(lease_expires_at, 0) <= ?"
+        args: tuple[Any, ...] = (now,)
+        if take_from:
+            where = f"({where} OR substr(coalesce(lease_owner, ''), 1, ?) = ?)"
+            args += (len(take_from), take_from)
+        if stream_id is not None:
+            where += " AND id = ?"
+            args += (stream_id,)
+        if self._one(f"SELECT 1 FROM streams WHERE {where} LIMIT 1", args) is None:
+            return None  # idle pollers take no write lock
         with self.transaction() as db:
-            row = db.execute("SELECT id FROM streams WHERE coalesce(lease_expires_at, 0) <= ? "
+            row = db.execute(f"SELECT id FROM streams WHERE {where} "
                              f"ORDER BY created_at, id LIMIT 1{self._db.skip_locked}",
-                             (now,)).fetchone()
+                             args).fetchone()
             if row is None:
                 return None
             db.execute("UPDATE streams SET lease_owner = ?, lease_expires_at = ?, "
@@ -835,6 +854,21 @@ class Store:
                        "control_url = excluded.control_url",
                        (worker_id, host, pid, started_at, now, int(ready), control_url))
             db.execute("DELETE FROM workers WHERE seen_at < ?", (now - WORKER_ROWS_KEPT_S,))
+
+    def claim_leader(self, name: str, owner: str, now: float, lease_s: float) -> bool:
+        """Become (or stay) the one process doing ``name``, until ``now + lease_s``: True
+        while ``owner`` holds it (it renews by calling again), False while another owner's
+        lease runs."""
+        return self._exec(
+            "INSERT INTO leaders (name, owner, lease_expires_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, "
+            "lease_expires_at = excluded.lease_expires_at "
+            "WHERE leaders.owner = excluded.owner OR leaders.lease_expires_at <= ?",
+            (name, owner, now + lease_s, now)) > 0
+
+    def release_leader(self, name: str, owner: str) -> None:
+        """Stop being the leader of ``name`` (a clean stop: another takes over at once)."""
+        self._exec("DELETE FROM leaders WHERE name = ? AND owner = ?", (name, owner))
 
     def remove_worker(self, worker_id: str) -> None:
         """A worker stopped cleanly."""

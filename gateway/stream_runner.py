@@ -83,7 +83,12 @@ class Held:
 
 class StreamRunner:
     def __init__(self, settings: Settings, stream_settings: StreamSettings, store: Store,
-                 worker_id: str) -> None:
+                 worker_id: str, only: str | None = None, take_from: str | None = None) -> None:
+        """``only``: run that one stream and no other (a stream's Ray actor); ``take_from``:
+        claim it even under a lease of an owner whose name starts with this (the actor's
+        earlier life; see :meth:`Store.claim_stream`)."""
+        self.only = only
+        self.take_from = take_from
         self.settings = settings
         self.stream_settings = stream_settings
         self.store = store
@@ -223,7 +228,8 @@ class StreamRunner:
         fresh: list[str] = []
         while self.max_streams is None or len(self._held) < self.max_streams:
             try:
-                row = self.store.claim_stream(now, claim_owner(self.worker_id), self.lease_s)
+                row = self.store.claim_stream(now, claim_owner(self.worker_id), self.lease_s,
+                                              stream_id=self.only, take_from=self.take_from)
             except Exception as exc:
                 log.warning("worker %s: claiming a stream failed (tried again): %s",
                             self.worker_id, exc)

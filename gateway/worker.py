@@ -73,8 +73,10 @@ class Worker:
         self.pool = WorkerPool(store, layout, settings, metrics, self.redactors,
                                self.deliverer.wake, keeper=self.keeper)
         self.sweeper = Sweeper(store, layout, settings.sweep_interval_s)
-        self.streams = StreamRunner(settings, stream_settings or StreamSettings(), store,
-                                    self.id)
+        stream_settings = stream_settings or StreamSettings()
+        if settings.ray_address:  # streams run as Ray actors (gateway.ray_streams), not here
+            stream_settings = stream_settings.model_copy(update={"max_streams": 0})
+        self.streams = StreamRunner(settings, stream_settings, store, self.id)
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
 

@@ -9,6 +9,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -80,7 +81,7 @@ def test_stores_opening_together_create_the_schema_once(postgres_server: Postgre
     with ThreadPoolExecutor(CONNECTIONS) as pool:
         stores = list(pool.map(open_store, range(CONNECTIONS)))
     versions = stores[0]._all("SELECT version FROM schema_version")
-    assert [r["version"] for r in versions] == [1]
+    assert [r["version"] for r in versions] == [2]
     start2 = threading.Barrier(CONNECTIONS)
 
     def add(i: int) -> bool:
@@ -120,3 +121,28 @@ def test_an_unreachable_database_is_refused_clearly(postgres_server: PostgresSer
     assert "no_such_db" in str(err.value) and "hunter2" not in str(err.value)
     assert display_name(url) == f"postgresql://redact:***@127.0.0.1:{postgres_server.port}" \
                                 "/no_such_db"
+
+
+def test_one_leader_at_a_time_and_a_restarted_actor_takes_its_stream(
+        store_target: Path | str) -> None:
+    db = Store(store_target)
+    now = time.time()
+    assert db.claim_leader("ray-streams", "A", now, 5)
+    assert not db.claim_leader("ray-streams", "B", now + 1, 5), "A's lease runs"
+    assert db.claim_leader("ray-streams", "A", now + 4, 5), "A renews"
+    assert not db.claim_leader("ray-streams", "B", now + 8, 5)
+    assert db.claim_leader("ray-streams", "B", now + 9.5, 5), "A's lease ran out"
+    db.release_leader("ray-streams", "B")
+    assert db.claim_leader("ray-streams", "C", now + 10, 5), "given back"
+    for sid in ("str_a", "str_b"):
+        assert db.insert_stream(stream_id=sid, name=sid, owner=None,
+                                definition={"source": "push"}, now=now)
+    first = db.claim_stream(now, "ray:str_b:h:1:x/1", 30, stream_id="str_b")
+    assert first is not None and first.id == "str_b", "only the stream asked for"
+    assert db.claim_stream(now + 1, "ray:str_b:h:2:y/1", 30, stream_id="str_b") is None
+    again = db.claim_stream(now + 1, "ray:str_b:h:2:y/1", 30, stream_id="str_b",
+                            take_from="ray:str_b:")
+    assert again is not None and again.lease_owner == "ray:str_b:h:2:y/1"
+    assert db.claim_stream(now + 2, "ray:str_a:h:3:z/1", 30, stream_id="str_b",
+                           take_from="ray:str_a:") is None, "not another actor's stream"
+    db.close()
