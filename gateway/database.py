@@ -252,16 +252,27 @@ class PostgresDatabase(Database):
                       ) -> None:
         """Bring the database to the store's schema, under an advisory lock (replicas starting
         together wait for each other): every table and index that is missing, every column
-        an older version lacks; ``schema_version`` records when each version first ran."""
+        an older version lacks; ``schema_version`` records when each version first ran. A
+        database already at this version is not touched (DDL would lock tables that other
+        processes are using)."""
         with self.transaction() as db:
             db.execute(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+            have = db.execute("SELECT to_regclass('schema_version') AS t").fetchone()
+            if have is not None and have["t"] is not None and db.execute(
+                    "SELECT 1 FROM schema_version WHERE version = ?",
+                    (self.schema_version,)).fetchone():
+                return
             for statement in postgres_schema(schema).split(";"):
                 if statement.strip():
                     db.execute(statement)
             for table, columns in added_columns.items():
+                present = {r["column_name"] for r in db.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = ? "
+                    "AND table_schema = current_schema()", (table,))}
                 for name, kind in columns:
-                    db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} "
-                               f"{postgres_schema(kind)}")
+                    if name not in present:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} "
+                                   f"{postgres_schema(kind)}")
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
                        "applied_at DOUBLE PRECISION NOT NULL)")
             db.execute("INSERT INTO schema_version (version, applied_at) "
