@@ -75,15 +75,27 @@ def test_finds_the_astronaut_face_once(photo: YuNetPhoto) -> None:
 
 
 def test_box_is_plain_yunet_box_moved_down(photo: YuNetPhoto, plain: YuNet) -> None:
-    """Large faces: same width, the height of the model's own box (plain YuNet stretches it by
-    5%), moved down so that it reaches the chin."""
+    """Large faces: same width, the model's own box (plain YuNet stretches it by 5%) moved down
+    by 15% of its height, then cut to 90% of that height about its centre: the bottom stays at
+    plain YuNet's (the chin), the top loses forehead."""
     a = astronaut_bgr_image()
     (px1, py1, px2, py2), (yx1, yy1, yx2, yy2) = photo.detect(a).xyxy[0], plain.detect(a).xyxy[0]
     assert px1 == pytest.approx(yx1, abs=0.01) and px2 == pytest.approx(yx2, abs=0.01)
     raw_h = (yy2 - yy1) / 1.05
-    assert py2 - py1 == pytest.approx(raw_h, rel=1e-3)
-    assert py1 > yy1 and py2 > yy2
-    assert py2 == pytest.approx(yy2 + 0.05 * raw_h, rel=1e-3)
+    assert min(px2 - px1, raw_h) >= photo.LARGE_BOX_PX
+    assert py2 - py1 == pytest.approx(photo.LARGE_BOX_HEIGHT * raw_h, rel=1e-3)
+    assert py1 == pytest.approx(yy1 + 0.15 * raw_h, rel=1e-3)
+    assert py2 == pytest.approx(yy2, rel=1e-3)
+
+
+def test_only_large_boxes_lose_height(monkeypatch: pytest.MonkeyPatch) -> None:
+    det = YuNetPhoto(threshold=0.3, scales=(1.0,))
+    boxes = np.array([[10, 10, 40, 50], [100, 10, 150, 70]], np.float32)  # 30 px and 50 px wide
+    monkeypatch.setattr(det, "_detect_scaled",
+                        lambda image, scale, threshold: (boxes.copy(), np.full(2, 0.9, np.float32)))
+    d = det.detect(np.zeros((200, 200, 3), np.uint8))
+    assert d.xyxy[0].tolist() == pytest.approx([10, 10, 40, 50])
+    assert d.xyxy[1].tolist() == pytest.approx([100, 13, 150, 67])
 
 
 @pytest.mark.parametrize(("side", "textured", "at_least"), [
@@ -126,8 +138,10 @@ def test_small_box_near_the_corner_stays_inside_the_frame(photo: YuNetPhoto) -> 
     assert (d.xyxy[:, 2:] > d.xyxy[:, :2]).all()
 
 
-def test_enlarged_passes_take_two_thirds_of_the_threshold(photo: YuNetPhoto, plain: YuNet,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_enlarged_passes_take_half_the_threshold(photo: YuNetPhoto, plain: YuNet,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The enlarged passes run at half the threshold (for their tiny boxes; larger ones are
+    held to two thirds of it, see the next test)."""
     seen: dict[str, list[float]] = {"photo": [], "plain": []}
     for name, det in (("photo", photo), ("plain", plain)):
         run = det._detect_scaled
@@ -139,8 +153,28 @@ def test_enlarged_passes_take_two_thirds_of_the_threshold(photo: YuNetPhoto, pla
 
         monkeypatch.setattr(det, "_detect_scaled", spy)
         det.detect(np.full((64, 64, 3), 128, np.uint8))
-    assert seen["photo"] == pytest.approx([0.3, 0.2, 0.2])
+    assert seen["photo"] == pytest.approx([0.3, 0.15, 0.15])
     assert seen["plain"] == pytest.approx([0.3, 0.3, 0.3])  # the video path is unchanged
+
+
+def test_enlarged_passes_keep_tiny_boxes_at_half_and_others_at_two_thirds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    det = YuNetPhoto(threshold=0.3, scales=(1.0, 2.0))
+    # image pixels: a tiny box (8 px) and a small one (16 px), each at 0.17 and at 0.25
+    boxes = np.array([[10, 10, 18, 18], [40, 10, 56, 26], [80, 10, 88, 18], [110, 10, 126, 26]],
+                     np.float32)
+    scores = np.array([0.17, 0.17, 0.25, 0.25], np.float32)
+
+    def fake(image: np.ndarray, scale: float, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        if scale == 1.0:
+            return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+        ok = scores >= threshold
+        return boxes[ok].copy(), scores[ok].copy()
+
+    monkeypatch.setattr(det, "_detect_scaled", fake)
+    d = det.detect(np.zeros((100, 200, 3), np.uint8))
+    kept = sorted(round(float(x)) for x in (d.xyxy[:, 0] + d.xyxy[:, 2]) / 2)
+    assert kept == [14, 84, 118]  # the 16 px box at 0.17 is dropped
 
 
 def test_one_pass_has_no_enlarged_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
