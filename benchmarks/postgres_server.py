@@ -61,7 +61,12 @@ class PostgresServer:
     ``durable=False`` turns off fsync (tests: faster, and nothing they check survives a crash
     of the machine)."""
 
-    def __init__(self, durable: bool = False) -> None:
+    def __init__(self, durable: bool = False, listen: tuple[str, ...] = ("127.0.0.1",),
+                 trust: tuple[str, ...] = ()) -> None:
+        """``listen``: the addresses it listens on; ``trust``: networks (CIDR) beyond loopback
+        whose connections it takes (test hosts in network namespaces)."""
+        self.listen = listen
+        self.trust = trust
         bin_dir = _bin_dir()
         if bin_dir is None:
             raise RuntimeError(unavailable() or "no PostgreSQL")
@@ -91,7 +96,11 @@ class PostgresServer:
                          "-E", "UTF8", "--no-sync")
         if init.returncode != 0:
             raise RuntimeError(f"initdb failed: {init.stderr[-2000:]}")
-        options = [f"-p {{port}} -k {self.data} -c listen_addresses=127.0.0.1",
+        if self.trust:
+            with open(self.data / "pg_hba.conf", "a") as hba:
+                for net in self.trust:
+                    hba.write(f"host all all {net} trust\n")
+        options = [f"-p {{port}} -k {self.data} -c listen_addresses={','.join(self.listen)}",
                    "-c max_connections=200"]
         if not self.durable:
             options.append("-c fsync=off -c synchronous_commit=off -c full_page_writes=off")

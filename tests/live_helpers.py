@@ -58,8 +58,8 @@ class Camera:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self, port: int = 0) -> Camera:
-        self.server = RtspServer(port=port)
+    def start(self, port: int = 0, host: str = "127.0.0.1") -> Camera:
+        self.server = RtspServer(host=host, port=port)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True, name="camera")
         self._thread.start()
@@ -68,7 +68,7 @@ class Camera:
     @property
     def url(self) -> str:
         assert self.server is not None
-        return f"rtsp://127.0.0.1:{self.server.port}/cam"
+        return f"rtsp://{self.server.host}:{self.server.port}/cam"
 
     def face(self, number: int) -> Box:
         return self.faces[number % len(self.faces)]
