@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,19 +45,13 @@ import numpy as np
 import psutil
 from PIL import Image
 
+from benchmarks import free_port
 from benchmarks.postgres_server import PostgresServer
 from benchmarks.postgres_server import unavailable as postgres_unavailable
 from gateway.store import Store
 from pipeline.files import Redactor, RedactSettings
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _wait_ready(url: str, timeout_s: float = 120) -> None:
@@ -125,7 +118,7 @@ class Cluster:
         self.key = Store(self.store_target).create_key("bench", "scale")[1]
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
-        ports = [_free_port() for _ in range(apis)]
+        ports = [free_port() for _ in range(apis)]
         self.urls = [f"http://127.0.0.1:{p}" for p in ports]
         for i in range(workers):
             self._start(root, f"worker{i}", env, ["worker", "--rtsp-port", "0"])
@@ -372,9 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"skipped": why}))
             return 0
     if not args.port:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            args.port = s.getsockname()[1]
+        args.port = free_port()
     cats = [c for c in args.categories.split(",") if c]
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,7 +26,6 @@ import http.server
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,18 +36,12 @@ from typing import Any, ClassVar
 
 import httpx
 
+from benchmarks import free_port
 from benchmarks.postgres_server import PostgresServer
 from benchmarks.postgres_server import unavailable as postgres_unavailable
 from gateway.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class _Hooks(http.server.BaseHTTPRequestHandler):
@@ -80,7 +73,7 @@ class Deployment:
         for i in range(workers):
             self._start(f"worker{i}", ["worker", "--rtsp-port", "0"])
         for i in range(2):
-            port = _free_port()
+            port = free_port()
             self._start(f"api{i}", ["serve", "--no-worker", "--port", str(port)])
             self.apis.append(f"http://127.0.0.1:{port}")
         self._wait_ready(workers)

@@ -14,12 +14,13 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from benchmarks import free_port
 
 
 def _bin_dir() -> Path | None:
@@ -47,13 +48,6 @@ def unavailable() -> str | None:
     except ImportError:
         return "psycopg is not installed (pip install 'redaction-gateway[postgres]')"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class PostgresServer:
@@ -106,7 +100,7 @@ class PostgresServer:
             options.append("-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
         self._options = " ".join(options)
         for _ in range(3):  # a port taken between choosing it and binding it: another one
-            self.port = _free_port()
+            self.port = free_port()
             started = self._pg_ctl("start")
             if started.returncode == 0:
                 return self

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import av
 import cv2
@@ -81,6 +82,21 @@ def lfw_non_faces() -> np.ndarray:
 @pytest.fixture
 def astronaut_bgr() -> np.ndarray:
     return astronaut_bgr_image()
+
+
+# --------------------------------------------------------------------------------------------
+# a camera
+
+
+@pytest.fixture(scope="module")
+def camera() -> Iterator[Any]:
+    """An RTSP camera on loopback (:class:`tests.live_helpers.Camera`), shared by a module's
+    live-stream tests (GStreamer is imported only by the tests that use it)."""
+    from tests.live_helpers import Camera
+
+    cam = Camera().start()
+    yield cam
+    cam.stop()
 
 
 # --------------------------------------------------------------------------------------------

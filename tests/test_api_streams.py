@@ -36,13 +36,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadServer]:
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def camera() -> Iterator[Camera]:
-    cam = Camera().start()
-    yield cam
-    cam.stop()
-
-
 @pytest.fixture
 def key(server: ThreadServer) -> ApiKeyInfo:
     return server.key()

@@ -93,13 +93,6 @@ def _cluster(port: int | None = None) -> Any:
     return c
 
 
-@pytest.fixture(scope="module")
-def camera() -> Iterator[Camera]:
-    cam = Camera().start()
-    yield cam
-    cam.stop()
-
-
 @pytest.fixture
 def plane(postgres_server: PostgresServer, tmp_path: Path) -> Iterator[RayPlane]:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

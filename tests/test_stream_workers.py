@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -67,13 +66,6 @@ class StreamPlane(Plane):
 def plane(tmp_path: Path, workers: int) -> StreamPlane:
     return start_plane(StreamPlane, tmp_path / "data", ENV, workers,
                        wait_api_ready=False)  # a worker may not be ready yet
-
-
-@pytest.fixture(scope="module")
-def camera() -> Iterator[Camera]:
-    cam = Camera().start()
-    yield cam
-    cam.stop()
 
 
 def wait_stream(c: httpx.Client, stream_id: str, until: Any, timeout_s: float = 30.0,
