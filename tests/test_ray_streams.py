@@ -2,7 +2,8 @@
 with the definitions in a PostgreSQL database (started for the tests): ``redact serve
 --no-worker`` keeps the definitions, ``redact ray-streams`` keeps one detached actor per stream.
 
-- The stream runs as an actor on a node with CPUs and is served from there (``rtsp_url``).
+- The stream runs as an actor on a node with CPUs and is served from there (``rtsp_url``); the
+  API forwards WHEP offers to the actor's control server.
 - That node killed: Ray restarts the actor on another node, the stream is back for a new
   player, and no player ever decodes a camera frame with the face showing.
 - The Ray head killed (the whole cluster lost): once a head is back at the same address, the
@@ -11,6 +12,7 @@ with the definitions in a PostgreSQL database (started for the tests): ``redact 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -30,9 +32,16 @@ from gateway.store import Store
 from tests.api_support import REPO, ApiKeyInfo, SubprocessServer
 from tests.live_helpers import Camera, read_stamp
 from tests.test_live import Player
-from tests.test_stream_workers import QuickPlayer, camera_frames, uncovered, wait_stream
+from tests.test_stream_workers import (
+    QuickPlayer,
+    _offer,
+    camera_frames,
+    uncovered,
+    wait_stream,
+)
 
 pytest.importorskip("gi", reason="GStreamer's Python bindings (make setup installs them)")
+pytest.importorskip("aiortc")
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install '.[ray]')")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
 
@@ -151,6 +160,12 @@ def test_a_stream_survives_its_node_and_the_head(plane: RayPlane, camera: Camera
             with contextlib.closing(Store(plane.url)) as db:
                 row = db.stream(sid)
             assert row is not None and (row.lease_owner or "").startswith(f"ray:{sid}:"), row
+            # a WHEP offer to the API is forwarded to the actor's control server
+            token = c.post(f"/v1/streams/{sid}/viewer-token").json()["token"]
+            answered = c.post(f"/v1/streams/{sid}/whep?token={token}",
+                              content=asyncio.run(_offer()),
+                              headers={"content-type": "application/sdp", "authorization": ""})
+            assert answered.status_code == 201, answered.text
 
             # the node running the stream dies: Ray restarts the actor on the other node
             node = plane.node_of(sid)
