@@ -91,14 +91,6 @@ class StreamActor:
         self.runner.start()
         self.runner.poke()
 
-    def where(self) -> dict[str, Any]:
-        """The node and process this life of the actor runs in, and whether it holds its
-        stream."""
-        import ray
-
-        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "held": self.runner.held()}
-
     def stop(self) -> None:
         """Stop the stream and give it back (before the actor is killed)."""
         self.runner.stop()

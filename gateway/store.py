@@ -304,7 +304,6 @@ class Store:
     def __init__(self, target: Path | str, busy_timeout_s: float = 30.0) -> None:
         self.target = target
         self._db: Database = open_database(target, busy_timeout_s)
-        self.kind = self._db.kind
         self._rate_calls = 0
         self._db.create_schema(_SCHEMA, _ADDED_COLUMNS)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -146,3 +147,22 @@ def test_the_load_benchmark_compares_a_cluster_with_one_process(
     assert report["files"] == 4 and report["postgres_cluster_files_per_s"] > 0
     for what in ("lost", "duplicated", "server_errors", "failed"):
         assert report[f"{what}_one"] == 0 and report[f"{what}_cluster"] == 0, report
+
+
+def test_the_sweeper_deletes_only_uploads_cut_off_long_ago(tmp_path: Path) -> None:
+    from gateway.jobs import STALE_UPLOAD_S, Layout, Sweeper
+
+    layout = Layout(tmp_path / "shared")
+    layout.create(clean_uploads=False)
+    old, fresh = layout.tmp / "upload-old", layout.tmp / "upload-being-received"
+    old.write_bytes(b"cut off")
+    fresh.write_bytes(b"arriving")
+    long_ago = time.time() - STALE_UPLOAD_S - 60
+    os.utime(old, (long_ago, long_ago))
+    with contextlib.closing(Store(tmp_path / "redact.db")) as db:
+        Sweeper(db, layout, 60).sweep()
+    assert not old.exists() and fresh.read_bytes() == b"arriving"
+    layout.create(clean_uploads=False)  # a replica's start leaves tmp/ alone
+    assert fresh.exists()
+    layout.create(clean_uploads=True)  # the only API process on these files cleans it
+    assert not fresh.exists()
