@@ -169,7 +169,8 @@ def add_serve_parser(sub: Any) -> None:
                                    "one worker in the same process: media jobs, webhook "
                                    "deliveries, expiry, live streams. More workers can run "
                                    "beside it as "
-                                   "`redact worker` processes on the same data directory. "
+                                   "`redact worker` processes on the same data directory, or on "
+                                   "other machines sharing --database and --storage. "
                                    "Every setting can also be given as an environment variable "
                                    "REDACT_<NAME>, e.g. REDACT_DATA_DIR.")
     p.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1)")
@@ -220,14 +221,17 @@ def add_worker_parser(sub: Any) -> None:
         description="Run the data plane without the API: media-job workers, webhook "
                     "deliveries, expiry of old results, the models, and live streams with "
                     "their RTSP, WebRTC and recording outputs, on the database and files of the "
-                    "data directory that `redact serve` (e.g. with --no-worker) also uses. "
-                    "Several workers may run at once, on this machine or others sharing the "
-                    "directory: each job, webhook attempt and live stream is claimed under a "
+                    "data directory that `redact serve` (e.g. with --no-worker) also uses, or on "
+                    "a PostgreSQL database (--database) and a shared directory (--storage). "
+                    "Several workers may run at once, on this machine or others sharing them: "
+                    "each job, webhook attempt and live stream is claimed under a "
                     "lease (REDACT_LEASE_S, default 12 s) renewed while it runs, so work a "
                     "killed worker held is taken over by another once the lease runs out, and a "
                     "result is published once. Each worker serves the streams it runs on its "
                     "own RTSP server. Stops cleanly on SIGTERM or Ctrl-C (a job still running "
-                    "and every stream are handed back). Settings as for `redact serve`: "
+                    "and every stream are handed back). With REDACT_RAY_ADDRESS set, live "
+                    "streams are left to Ray (`redact ray-streams`). Settings as for `redact "
+                    "serve`: "
                     "REDACT_<NAME> environment variables.")
     p.add_argument("--workers", type=int, default=None,
                    help="jobs redacted at the same time (default: 2, or $REDACT_WORKERS)")
