@@ -73,7 +73,15 @@ class Player:
 
     def wait_frames(self, n: int, timeout: float = 20.0) -> None:
         end = time.monotonic() + timeout
-        while len(self.frames) < n and time.monotonic() < end and self._thread.is_alive():
+        while len(self.frames) < n and time.monotonic() < end:
+            if not self._thread.is_alive():
+                if self.frames or "Immediate exit requested" not in self.error:
+                    break
+                # opening timed out before the first picture (a loaded machine): connect
+                # again, as a player does
+                self.error = ""
+                self._thread = threading.Thread(target=self._run, daemon=True)
+                self._thread.start()
             time.sleep(0.05)
         assert len(self.frames) >= n, f"{len(self.frames)} frames, {self.error or 'no error'}"
 
