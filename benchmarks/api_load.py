@@ -28,7 +28,6 @@ import contextlib
 import io
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -46,24 +45,12 @@ import psutil
 from PIL import Image
 
 from benchmarks import free_port
-from benchmarks.postgres_server import PostgresServer
+from benchmarks.cluster import Cluster, wait_ready
 from benchmarks.postgres_server import unavailable as postgres_unavailable
 from gateway.store import Store
 from pipeline.files import Redactor, RedactSettings
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _wait_ready(url: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready")
 
 
 class Server:
@@ -81,7 +68,7 @@ class Server:
         self.peak_rss = 0
         self._stop = threading.Event()
         threading.Thread(target=self._sample, daemon=True).start()
-        _wait_ready(self.url)
+        wait_ready(self.url)
 
     def completions(self) -> dict[str, int]:
         """How many times each job was published (one process: from the store)."""
@@ -102,58 +89,6 @@ class Server:
         self._stop.set()
         self.proc.terminate()
         self.proc.wait(30)
-
-
-class Cluster:
-    """``apis`` API replicas and ``workers`` worker processes on one PostgreSQL database and one
-    storage directory, each process with a data directory of its own."""
-
-    def __init__(self, root: Path, apis: int, workers: int, slots: int) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self.pg = PostgresServer(durable=True).start()
-        self.store_target = self.pg.database()
-        storage = root / "storage"
-        env = {**os.environ, "REDACT_DATABASE_URL": self.store_target,
-               "REDACT_STORAGE": str(storage), "REDACT_WORKERS": str(slots)}
-        self.key = Store(self.store_target).create_key("bench", "scale")[1]
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.logs: list[Path] = []
-        ports = [free_port() for _ in range(apis)]
-        self.urls = [f"http://127.0.0.1:{p}" for p in ports]
-        for i in range(workers):
-            self._start(root, f"worker{i}", env, ["worker", "--rtsp-port", "0"])
-        for i, port in enumerate(ports):
-            self._start(root, f"api{i}", env, ["serve", "--no-worker", "--port", str(port)])
-        self.peak_rss = 0
-        for url in self.urls:
-            _wait_ready(url)
-
-    def _start(self, root: Path, name: str, env: dict[str, str], args: list[str]) -> None:
-        log = root / f"{name}.log"
-        self.logs.append(log)
-        with open(log, "wb") as out:
-            self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", *args], cwd=REPO,
-                env={**env, "REDACT_DATA_DIR": str(root / name)}, stdout=out,
-                stderr=subprocess.STDOUT))
-
-    def completions(self) -> dict[str, int]:
-        """How many times each job was published, from every worker's log."""
-        counts: dict[str, int] = {}
-        for log in self.logs:
-            for m in re.finditer(r"job (med_\w+): completed", log.read_text(errors="replace")):
-                counts[m.group(1)] = counts.get(m.group(1), 0) + 1
-        return counts
-
-    def stop(self) -> None:
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        self.pg.stop()
 
 
 def _run_batch(server: Server | Cluster, files: list[tuple[str, bytes]], concurrency: int,
@@ -212,7 +147,8 @@ def _run_batch(server: Server | Cluster, files: list[tuple[str, bytes]], concurr
             "accepted": len(ids), "completed": sum(s == "completed" for s in done.values()),
             "failed": sum(s == "failed" for s in done.values()),
             "lost": len(ids) - len(done), "wall_s": round(wall, 2),
-            "files_per_s": round(len(done) / wall, 3), "peak_rss_mib": server.peak_rss >> 20}
+            "files_per_s": round(len(done) / wall, 3),
+            "peak_rss_mib": server.peak_rss >> 20 if isinstance(server, Server) else 0}
 
 
 class _CliEngine:
@@ -301,12 +237,13 @@ def _cluster_report(server: Server, root: Path, paths: list[Path], args: argpars
     """Rounds of the same batch on ``server`` (one process, SQLite) and on a cluster, in turn;
     medians of the rates and of their ratio, totals of what went wrong."""
     files = [(p.name, p.read_bytes()) for p in paths]
-    cluster = Cluster(root / "cluster", args.replicas, args.cluster_workers, args.slots)
+    cluster = Cluster(root / "cluster", args.replicas, args.cluster_workers,
+                      {"REDACT_WORKERS": str(args.slots)})
     rounds: list[dict[str, Any]] = []
     try:
         for i in range(max(1, args.repeat)):
             one_key = Store(server.store_target).create_key(f"bench{i}", "scale")[1]
-            many_key = Store(cluster.store_target).create_key(f"bench{i}", "scale")[1]
+            many_key = Store(cluster.url).create_key(f"bench{i}", "scale")[1]
             one = _run_batch(server, files, args.concurrency, cats, one_key)
             many = _run_batch(cluster, files, args.concurrency, cats, many_key)
             rounds.append({"one": one, "many": many})

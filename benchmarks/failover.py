@@ -21,12 +21,9 @@ Prints a table and one JSON line. Every process stays on loopback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.server
 import json
-import os
 import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,12 +33,9 @@ from typing import Any, ClassVar
 
 import httpx
 
-from benchmarks import free_port
-from benchmarks.postgres_server import PostgresServer
+from benchmarks.cluster import Cluster
 from benchmarks.postgres_server import unavailable as postgres_unavailable
 from gateway.store import Store
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class _Hooks(http.server.BaseHTTPRequestHandler):
@@ -55,69 +49,6 @@ class _Hooks(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         return
-
-
-class Deployment:
-    """2 API replicas and ``workers`` workers on one database and one storage directory."""
-
-    def __init__(self, root: Path, lease_s: float, workers: int = 2) -> None:
-        self.pg = PostgresServer(durable=True).start()
-        self.url = self.pg.database()
-        self.root = root
-        self.env = {**os.environ, "REDACT_DATABASE_URL": self.url,
-                    "REDACT_STORAGE": str(root / "storage"), "REDACT_LEASE_S": str(lease_s),
-                    "REDACT_WORKERS": "1", "REDACT_WEBHOOK_ALLOW_PRIVATE": "1"}
-        self.key = Store(self.url).create_key("failover", "scale")[1]
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.apis = []
-        for i in range(workers):
-            self._start(f"worker{i}", ["worker", "--rtsp-port", "0"])
-        for i in range(2):
-            port = free_port()
-            self._start(f"api{i}", ["serve", "--no-worker", "--port", str(port)])
-            self.apis.append(f"http://127.0.0.1:{port}")
-        self._wait_ready(workers)
-
-    def _start(self, name: str, args: list[str]) -> None:
-        with open(self.root / f"{name}.log", "wb") as out:
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", *args], cwd=REPO,
-                env={**self.env, "REDACT_DATA_DIR": str(self.root / name)}, stdout=out,
-                stderr=subprocess.STDOUT)
-
-    def _wait_ready(self, workers: int) -> None:
-        deadline = time.monotonic() + 180
-        with contextlib.closing(Store(self.url)) as db:
-            while len([w for w in db.live_workers(time.time() - 30) if w.ready]) < workers:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("workers not ready")
-                time.sleep(0.1)
-        for api in self.apis:
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{api}/readyz", timeout=2).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{api} not ready")
-                time.sleep(0.1)
-
-    def worker_of(self, owner: str) -> str:
-        pid = int(owner.split("/")[0].split(":")[-2])
-        return next(n for n, p in self.procs.items() if p.pid == pid)
-
-    def log(self, name: str) -> str:
-        return (self.root / f"{name}.log").read_text(errors="replace")
-
-    def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        self.pg.stop()
 
 
 def _clip(path: Path, frames: int) -> bytes:
@@ -143,13 +74,13 @@ def _clip(path: Path, frames: int) -> bytes:
     return path.read_bytes()
 
 
-def worker_killed(d: Deployment, frames: int) -> dict[str, Any]:
+def worker_killed(d: Cluster, frames: int) -> dict[str, Any]:
     hooks = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hooks)
     _Hooks.got = []
     threading.Thread(target=hooks.serve_forever, daemon=True).start()
     hook_url = f"http://127.0.0.1:{hooks.server_address[1]}/hook"
     data = _clip(d.root / "clip.mp4", frames)
-    r = httpx.post(f"{d.apis[0]}/v1/media", headers={"Authorization": f"Bearer {d.key}"},
+    r = httpx.post(f"{d.urls[0]}/v1/media", headers={"Authorization": f"Bearer {d.key}"},
                    data={"categories[]": "faces", "webhook_url": hook_url},
                    files={"file": ("clip.mp4", data, "video/mp4")}, timeout=120)
     r.raise_for_status()
@@ -188,10 +119,10 @@ def worker_killed(d: Deployment, frames: int) -> dict[str, Any]:
     finally:
         db.close()
         hooks.shutdown()
-        d._start(victim, ["worker", "--rtsp-port", "0"])  # back to full strength
+        d.start(victim, ["worker", "--rtsp-port", "0"])  # back to full strength
 
 
-def api_replica_killed(d: Deployment, photos: int) -> dict[str, Any]:
+def api_replica_killed(d: Cluster, photos: int) -> dict[str, Any]:
     import cv2
     import skimage.data
 
@@ -208,7 +139,7 @@ def api_replica_killed(d: Deployment, photos: int) -> dict[str, Any]:
                 d.procs["api0"].kill()
                 killed_at = time.time()
             for attempt in range(2):  # the request fails on the dead replica: the other one
-                api = d.apis[(i + attempt) % 2]
+                api = d.urls[(i + attempt) % 2]
                 try:
                     r = c.post(f"{api}/v1/media", data={"categories[]": "faces"},
                                files={"file": (f"p{i}.jpg", data, "image/jpeg")})
@@ -225,7 +156,7 @@ def api_replica_killed(d: Deployment, photos: int) -> dict[str, Any]:
         while len(done) < len(accepted) and time.monotonic() < deadline:
             for job_id in accepted:
                 if job_id not in done:
-                    status = c.get(f"{d.apis[1]}/v1/media/{job_id}").json()["status"]
+                    status = c.get(f"{d.urls[1]}/v1/media/{job_id}").json()["status"]
                     if status in ("completed", "failed"):
                         done[job_id] = status
             time.sleep(0.2)
@@ -255,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     lease_s = args.lease_s or Settings.model_fields["lease_s"].default
     report: dict[str, Any] = {"lease_s": lease_s}
     with tempfile.TemporaryDirectory() as tmp:
-        d = Deployment(Path(tmp), lease_s)
+        d = Cluster(Path(tmp), apis=2, workers=2,
+                    env={"REDACT_LEASE_S": str(lease_s), "REDACT_WORKERS": "1",
+                         "REDACT_WEBHOOK_ALLOW_PRIVATE": "1"})
         try:
             report["worker_killed"] = worker_killed(d, args.frames)
             report["api_replica_killed"] = api_replica_killed(d, args.photos)
